@@ -1,0 +1,77 @@
+"""One log line per HTTP request, with its id, status, duration, cache layer and error."""
+
+import logging
+import time
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+logger = logging.getLogger(__name__)
+
+# An incoming request id is kept, so a line can be matched with the edge cache's
+# log, if it is short and printable.
+MAX_REQUEST_ID_LENGTH = 64
+
+
+class AccessLogMiddleware:
+    """Log each request once it ends, and return its id in `X-Request-ID`.
+
+    Handlers add `layer` (memory, store or generated) and `error` to the request
+    state; the level is INFO below 500 and WARNING from 500 up.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        request_id = _request_id(scope)
+        state = scope.setdefault("state", {})
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            duration_ms = (time.perf_counter() - started) * 1000
+            logger.log(
+                logging.WARNING if status >= 500 else logging.INFO,
+                "request id=%s method=%s path=%s status=%d duration_ms=%.1f layer=%s error=%s",
+                request_id,
+                scope["method"],
+                _raw_path(scope),
+                status,
+                duration_ms,
+                state.get("layer", "-"),
+                state.get("error", "-"),
+            )
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            text = value.decode("latin-1")
+            if 0 < len(text) <= MAX_REQUEST_ID_LENGTH and text.isprintable():
+                return text
+            break
+    return uuid.uuid4().hex
+
+
+def _raw_path(scope: Scope) -> str:
+    # The raw path is still percent-encoded, so a control character in a hostile
+    # URL cannot forge a line in the log.
+    raw_path = scope.get("raw_path")
+    if raw_path is None:
+        return repr(scope["path"])
+    return raw_path.decode("latin-1")

@@ -1,0 +1,108 @@
+"""The `resize-proxy` command."""
+
+import argparse
+import asyncio
+import logging
+import sys
+from typing import Any
+
+import uvicorn
+
+from .paths import SOURCE_EXTENSIONS
+from .settings import Settings, SettingsError, load_settings
+from .store import LocalStore
+
+logger = logging.getLogger(__name__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+    except SettingsError as error:
+        print(f"resize-proxy: {error}", file=sys.stderr)
+        return 2
+    return args.run(args, settings)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="resize-proxy",
+        description="Resize images kept in S3 or a local folder on the fly.",
+        epilog="Settings come from PROXY_* environment variables; see the README.",
+    )
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the HTTP service")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=8080, help="TCP port to listen on (default: %(default)s)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes, each with its own memory cache and threads (default: %(default)s)",
+    )
+    serve.set_defaults(run=_serve)
+    return parser
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    base_url = f"http://{_url_host(args.host)}:{args.port}"
+    print(f"resize-proxy: serving {settings.storage} on {base_url}/", file=sys.stderr)
+    example = _example_path(settings)
+    if example:
+        print(f"resize-proxy: open {base_url}/{example}", file=sys.stderr)
+
+    uvicorn.run(
+        "proxy.app:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_config=log_config(settings.log_level),
+        access_log=False,
+        server_header=False,
+    )
+    return 0
+
+
+def log_config(level: str) -> dict[str, Any]:
+    """Logging set-up for uvicorn, which applies it in every worker process too."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {
+            "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        },
+        "handlers": {
+            "stderr": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"},
+        },
+        "root": {"handlers": ["stderr"], "level": level},
+        "loggers": {
+            "uvicorn": {"level": level},
+            "botocore": {"level": "WARNING"},
+            "aiobotocore": {"level": "WARNING"},
+            # libvips reports every thumbnail step at INFO.
+            "pyvips": {"level": "WARNING"},
+        },
+    }
+
+
+def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", "::"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def _example_path(settings: Settings) -> str | None:
+    """Name a variant URL path of the first source in a local store, if there is one."""
+    if settings.bucket is not None:
+        return None
+    keys = asyncio.run(LocalStore(settings.storage).list_keys(settings.source_prefix))
+    for key in keys:
+        stem, dot, extension = key[len(settings.source_prefix) :].rpartition(".")
+        if dot and extension.lower() in SOURCE_EXTENSIONS and not key.startswith(settings.variant_prefix):
+            width = 720 if 720 in settings.widths else settings.widths[0]
+            return f"{settings.variant_prefix}{stem}-{width}.jpg"
+    return None

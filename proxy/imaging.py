@@ -1,0 +1,159 @@
+"""The image pipeline: source bytes in, variant bytes out, with libvips.
+
+The steps run in a worker thread, because libvips releases the GIL while it works:
+detect the source format, thumbnail with shrink-on-load to the width, convert the
+colour to 8-bit sRGB, flatten alpha for JPEG, and encode without metadata.
+"""
+
+from dataclasses import dataclass
+
+import pyvips
+
+from .errors import UndecodableSource, UnsupportedFormat
+from .settings import Settings
+
+# libvips keeps recent operations and their pixels in a cache that a server
+# decoding different images on every request never reuses.
+pyvips.cache_set_max(0)
+
+# Source formats by libvips loader, as detected from the bytes.
+LOADER_FORMATS = {
+    "jpegload_buffer": "jpeg",
+    "pngload_buffer": "png",
+    "webpload_buffer": "webp",
+    "gifload_buffer": "gif",
+    "tiffload_buffer": "tiff",
+    "heifload_buffer": "heif",
+    "svgload_buffer": "svg",
+}
+
+CONTENT_TYPES = {
+    "jpg": "image/jpeg",
+    "png": "image/png",
+    "webp": "image/webp",
+    "avif": "image/avif",
+}
+
+# `thumbnail` fits a box, so an unreachable height makes the width the only limit.
+# libvips caps coordinates at 10,000,000.
+UNBOUNDED_HEIGHT = 10_000_000
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    body: bytes
+    content_type: str
+    width: int
+    height: int
+
+
+def detect_format(data: bytes) -> str:
+    """Name the format of `data` from its bytes, for example `jpeg`.
+
+    Raises UnsupportedFormat when no enabled loader recognises the bytes.
+    """
+    try:
+        header = pyvips.Image.new_from_buffer(data, "")
+        loader = header.get("vips-loader")
+    except pyvips.Error:
+        raise UnsupportedFormat(
+            "source is not an image in a supported format (JPEG, PNG, WebP, GIF, TIFF, "
+            "AVIF or SVG); upload it in one of them"
+        ) from None
+    source_format = LOADER_FORMATS.get(loader)
+    if source_format is None:
+        raise UnsupportedFormat(f"source format {loader.removesuffix('load_buffer')!r} is not supported")
+    return source_format
+
+
+def make_variant(data: bytes, width: int, output_format: str, settings: Settings) -> EncodedImage:
+    """Resize `data` to `width` pixels wide and encode it as `output_format`.
+
+    A 5640×3172 JPEG at width 720 gives 720×405. A source narrower than `width`
+    keeps its own size, because a variant is never enlarged.
+    """
+    source_format = detect_format(data)
+    try:
+        image = _thumbnail(data, width, source_format)
+        image = _to_srgb(image)
+        if output_format == "jpg":
+            image = _flatten(image, settings.background_rgb)
+        body = _encode(image, output_format, settings)
+    except pyvips.Error as error:
+        raise UndecodableSource(
+            f"{source_format} source could not be decoded ({_first_line(error)}); "
+            "check that the file is complete and upload it again"
+        ) from None
+    return EncodedImage(body, CONTENT_TYPES[output_format], image.width, image.height)
+
+
+def _thumbnail(data: bytes, width: int, source_format: str) -> pyvips.Image:
+    # Shrink-on-load decodes a JPEG at 1/2, 1/4 or 1/8 scale when that is enough.
+    # `fail_on=truncated` goes in the option string: as a keyword argument it did
+    # not reject a truncated JPEG with libvips 8.18.7.
+    options = "fail_on=truncated" if source_format != "svg" else ""
+    return pyvips.Image.thumbnail_buffer(
+        data,
+        width,
+        height=UNBOUNDED_HEIGHT,
+        size="down",
+        option_string=options,
+    )
+
+
+def _to_srgb(image: pyvips.Image) -> pyvips.Image:
+    """Convert to 8-bit sRGB, or 8-bit grey for a grey source, using any ICC profile."""
+    if _has_foreign_profile(image):
+        image = image.icc_transform("srgb", embedded=True, intent="perceptual")
+    if image.interpretation in ("b-w", "grey16"):
+        if image.interpretation == "grey16" or image.format != "uchar":
+            image = image.colourspace("b-w")
+        return image
+    if image.interpretation != "srgb" or image.format != "uchar":
+        image = image.colourspace("srgb")
+    return image
+
+
+def _has_foreign_profile(image: pyvips.Image) -> bool:
+    """Tell whether the image carries an ICC profile other than sRGB.
+
+    Most camera JPEGs embed an sRGB profile, and transforming those costs time for
+    no change. Profiles are told apart by the name in their description tag.
+    """
+    if image.get_typeof("icc-profile-data") == 0:
+        return False
+    if image.interpretation not in ("srgb", "rgb16"):
+        return True
+    return b"sRGB" not in image.get("icc-profile-data")
+
+
+def _flatten(image: pyvips.Image, background: list[int]) -> pyvips.Image:
+    if not image.hasalpha():
+        return image
+    if image.bands <= 2:
+        return image.flatten(background=[sum(background) / 3])
+    return image.flatten(background=background)
+
+
+def _encode(image: pyvips.Image, output_format: str, settings: Settings) -> bytes:
+    # keep="none" drops EXIF (GPS included), XMP, IPTC and the ICC profile; the
+    # pixels are sRGB by now, which is what browsers assume without a profile.
+    if output_format == "jpg":
+        return image.jpegsave_buffer(Q=settings.jpeg_quality, keep="none", optimize_coding=True)
+    if output_format == "webp":
+        return image.webpsave_buffer(Q=settings.webp_quality, keep="none")
+    if output_format == "avif":
+        return image.heifsave_buffer(
+            Q=settings.avif_quality,
+            effort=settings.avif_effort,
+            compression="av1",
+            keep="none",
+        )
+    if output_format == "png":
+        return image.pngsave_buffer(compression=settings.png_compression, keep="none")
+    raise ValueError(f"unknown output format {output_format!r}")
+
+
+def _first_line(error: pyvips.Error) -> str:
+    text = (error.detail or error.message or "").strip()
+    return text.splitlines()[0] if text else "unknown libvips error"

@@ -1,0 +1,68 @@
+"""The interface that every store implements."""
+
+import abc
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    body: bytes
+    content_type: str
+    # Quoted hex MD5 of the body, as S3 gives for objects uploaded in one part.
+    etag: str
+    last_modified: datetime
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str
+    last_modified: datetime
+
+
+def md5_etag(body: bytes) -> str:
+    return '"' + hashlib.md5(body, usedforsecurity=False).hexdigest() + '"'
+
+
+class Store(abc.ABC):
+    """Objects addressed by key, as in S3.
+
+    Every method raises StoreFailed (502) or StoreTimedOut (504) when the store
+    cannot answer. A missing key is not an error: `get` and `head` return None.
+    """
+
+    @abc.abstractmethod
+    async def get(self, key: str) -> StoredObject | None:
+        """Fetch an object with its body, or None if the key does not exist."""
+
+    @abc.abstractmethod
+    async def head(self, key: str) -> ObjectInfo | None:
+        """Fetch an object's metadata without its body, or None if it does not exist."""
+
+    @abc.abstractmethod
+    async def put(self, key: str, body: bytes, content_type: str, cache_control: str) -> StoredObject:
+        """Write an object, replacing any object of the same key."""
+
+    @abc.abstractmethod
+    async def list_keys(self, prefix: str) -> list[str]:
+        """List every key that starts with `prefix`, in lexicographic order."""
+
+    @abc.abstractmethod
+    async def delete(self, key: str) -> None:
+        """Delete an object. Deleting a missing key succeeds."""
+
+    @abc.abstractmethod
+    async def check(self) -> None:
+        """Raise StoreFailed or StoreTimedOut unless the store is reachable."""
+
+    @property
+    @abc.abstractmethod
+    def description(self) -> str:
+        """Where the store is, for logs and messages: `s3://bucket` or a folder."""
+
+    async def close(self) -> None:
+        """Release connections. The store is unusable afterwards."""

@@ -1,0 +1,133 @@
+"""A store in a local folder, where the key is the file's path below the folder."""
+
+import asyncio
+import mimetypes
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ..errors import StoreFailed
+from .base import ObjectInfo, Store, StoredObject, md5_etag
+
+mimetypes.add_type("image/webp", ".webp")
+mimetypes.add_type("image/avif", ".avif")
+mimetypes.add_type("image/heic", ".heic")
+
+
+class LocalStore(Store):
+    """Files below `root`. Content types follow the file extension.
+
+    Writes go to a temporary file that is renamed into place, so a reader sees the
+    old file or the new one, never a partial one.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).resolve()
+
+    @property
+    def description(self) -> str:
+        return str(self.root)
+
+    async def get(self, key: str) -> StoredObject | None:
+        return await asyncio.to_thread(self._get, key)
+
+    async def head(self, key: str) -> ObjectInfo | None:
+        return await asyncio.to_thread(self._head, key)
+
+    async def put(self, key: str, body: bytes, content_type: str, cache_control: str) -> StoredObject:
+        return await asyncio.to_thread(self._put, key, body, content_type)
+
+    async def list_keys(self, prefix: str) -> list[str]:
+        return await asyncio.to_thread(self._list_keys, prefix)
+
+    async def delete(self, key: str) -> None:
+        await asyncio.to_thread(self._delete, key)
+
+    async def check(self) -> None:
+        if not self.root.is_dir():
+            raise StoreFailed(f"store folder {self.root} is missing")
+
+    def _path(self, key: str) -> Path:
+        # Keys are checked before they get here; this guard keeps a key that
+        # slipped through from naming a file outside the root.
+        parts = key.split("/")
+        if not key or key.startswith("/") or any(part in ("", ".", "..") for part in parts):
+            raise StoreFailed(f"key {key!r} cannot name a file in a local store")
+        return self.root.joinpath(*parts)
+
+    def _get(self, key: str) -> StoredObject | None:
+        path = self._path(key)
+        try:
+            with path.open("rb") as file:
+                body = file.read()
+                mtime = os.fstat(file.fileno()).st_mtime
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+        except OSError as error:
+            raise StoreFailed(f"reading {path} failed: {error.strerror}") from error
+        return StoredObject(
+            key=key,
+            body=body,
+            content_type=_content_type(key),
+            etag=md5_etag(body),
+            last_modified=_timestamp(mtime),
+        )
+
+    def _head(self, key: str) -> ObjectInfo | None:
+        stored = self._get(key)
+        if stored is None:
+            return None
+        return ObjectInfo(key, len(stored.body), stored.etag, stored.last_modified)
+
+    def _put(self, key: str, body: bytes, content_type: str) -> StoredObject:
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            try:
+                with os.fdopen(handle, "wb") as file:
+                    file.write(body)
+                os.replace(temporary, path)
+            except BaseException:
+                os.unlink(temporary)
+                raise
+            mtime = path.stat().st_mtime
+        except OSError as error:
+            raise StoreFailed(f"writing {path} failed: {error.strerror}") from error
+        return StoredObject(key, body, content_type, md5_etag(body), _timestamp(mtime))
+
+    def _list_keys(self, prefix: str) -> list[str]:
+        # Walk only the deepest folder that the prefix names in full.
+        folder_key, _, _ = prefix.rpartition("/")
+        start = self.root.joinpath(*folder_key.split("/")) if folder_key else self.root
+        keys = []
+        for directory, subdirectories, files in os.walk(start):
+            relative = Path(directory).relative_to(self.root).as_posix()
+            base = "" if relative == "." else relative + "/"
+            # Descend only into folders that can hold a matching key.
+            subdirectories[:] = [
+                name for name in subdirectories
+                if (base + name + "/").startswith(prefix) or prefix.startswith(base + name + "/")
+            ]
+            for name in files:
+                key = base + name
+                if key.startswith(prefix) and not name.startswith(".tmp-"):
+                    keys.append(key)
+        return sorted(keys)
+
+    def _delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as error:
+            raise StoreFailed(f"deleting {path} failed: {error.strerror}") from error
+
+
+def _content_type(key: str) -> str:
+    content_type, _ = mimetypes.guess_type(key, strict=False)
+    return content_type or "application/octet-stream"
+
+
+def _timestamp(mtime: float) -> datetime:
+    return datetime.fromtimestamp(int(mtime), tz=timezone.utc)

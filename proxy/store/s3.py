@@ -1,0 +1,162 @@
+"""A store in an S3 bucket, reached through aioboto3.
+
+The endpoint, region and credentials come from the standard AWS settings
+(`AWS_ENDPOINT_URL_S3`, `AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, ...),
+so any S3-compatible server works. One client serves the whole process.
+"""
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from datetime import datetime, timezone
+from typing import Any
+
+import aioboto3
+import aiohttp
+from aiobotocore.config import AioConfig
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectTimeoutError,
+    ReadTimeoutError,
+)
+
+from ..errors import StoreFailed, StoreTimedOut
+from .base import ObjectInfo, Store, StoredObject
+
+logger = logging.getLogger(__name__)
+
+MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
+
+
+class S3Store(Store):
+    def __init__(self, client: Any, bucket: str) -> None:
+        self._client = client
+        self._exit_stack: contextlib.AsyncExitStack | None = None
+        self.bucket = bucket
+
+    @classmethod
+    async def open(
+        cls,
+        bucket: str,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+        max_attempts: int,
+        max_connections: int = 50,
+    ) -> "S3Store":
+        config = AioConfig(
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            retries={"max_attempts": max_attempts, "mode": "standard"},
+            max_pool_connections=max_connections,
+        )
+        exit_stack = contextlib.AsyncExitStack()
+        session = aioboto3.Session()
+        client = await exit_stack.enter_async_context(session.client("s3", config=config))
+        store = cls(client, bucket)
+        store._exit_stack = exit_stack
+        return store
+
+    @property
+    def description(self) -> str:
+        return f"s3://{self.bucket}"
+
+    async def close(self) -> None:
+        if self._exit_stack is not None:
+            await self._exit_stack.aclose()
+            self._exit_stack = None
+
+    async def get(self, key: str) -> StoredObject | None:
+        async with self._translate_errors("GET", key):
+            try:
+                response = await self._client.get_object(Bucket=self.bucket, Key=key)
+            except ClientError as error:
+                if _error_code(error) in MISSING_CODES:
+                    return None
+                raise
+            async with response["Body"] as stream:
+                body = await stream.read()
+        return StoredObject(
+            key=key,
+            body=body,
+            content_type=response.get("ContentType") or "application/octet-stream",
+            etag=response.get("ETag", ""),
+            last_modified=_utc(response.get("LastModified")),
+        )
+
+    async def head(self, key: str) -> ObjectInfo | None:
+        async with self._translate_errors("HEAD", key):
+            try:
+                response = await self._client.head_object(Bucket=self.bucket, Key=key)
+            except ClientError as error:
+                if _error_code(error) in MISSING_CODES:
+                    return None
+                raise
+        return ObjectInfo(
+            key=key,
+            size=response.get("ContentLength", 0),
+            etag=response.get("ETag", ""),
+            last_modified=_utc(response.get("LastModified")),
+        )
+
+    async def put(self, key: str, body: bytes, content_type: str, cache_control: str) -> StoredObject:
+        async with self._translate_errors("PUT", key):
+            response = await self._client.put_object(
+                Bucket=self.bucket,
+                Key=key,
+                Body=body,
+                ContentType=content_type,
+                CacheControl=cache_control,
+            )
+        return StoredObject(
+            key=key,
+            body=body,
+            content_type=content_type,
+            etag=response.get("ETag", ""),
+            last_modified=datetime.now(timezone.utc).replace(microsecond=0),
+        )
+
+    async def list_keys(self, prefix: str) -> list[str]:
+        keys: list[str] = []
+        async with self._translate_errors("LIST", prefix):
+            paginator = self._client.get_paginator("list_objects_v2")
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                keys.extend(item["Key"] for item in page.get("Contents", []))
+        return sorted(keys)
+
+    async def delete(self, key: str) -> None:
+        async with self._translate_errors("DELETE", key):
+            await self._client.delete_object(Bucket=self.bucket, Key=key)
+
+    async def check(self) -> None:
+        async with self._translate_errors("HEAD", ""):
+            await self._client.head_bucket(Bucket=self.bucket)
+
+    @contextlib.asynccontextmanager
+    async def _translate_errors(self, operation: str, key: str) -> AsyncIterator[None]:
+        """Turn botocore and aiohttp failures into StoreFailed or StoreTimedOut."""
+        where = f"s3://{self.bucket}/{key}"
+        try:
+            yield
+        except (ConnectTimeoutError, ReadTimeoutError, asyncio.TimeoutError) as error:
+            raise StoreTimedOut(f"S3 {operation} {where} timed out; try again later") from error
+        except ClientError as error:
+            code = _error_code(error)
+            raise StoreFailed(f"S3 {operation} {where} failed with {code}") from error
+        except (BotoCoreError, aiohttp.ClientError, OSError) as error:
+            raise StoreFailed(
+                f"S3 {operation} {where} failed: {type(error).__name__}; check that the "
+                "S3 endpoint is reachable"
+            ) from error
+
+
+def _error_code(error: ClientError) -> str:
+    return str(error.response.get("Error", {}).get("Code", "unknown"))
+
+
+def _utc(value: datetime | None) -> datetime:
+    if value is None:
+        return datetime.now(timezone.utc).replace(microsecond=0)
+    return value.astimezone(timezone.utc)
