@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pyvips
 
-from .errors import UndecodableSource, UnsupportedFormat
+from .errors import SourceTooLarge, UndecodableSource, UnsupportedFormat
 from .settings import Settings
 
 # libvips keeps recent operations and their pixels in a cache that a server
@@ -52,6 +52,11 @@ def detect_format(data: bytes) -> str:
 
     Raises UnsupportedFormat when no enabled loader recognises the bytes.
     """
+    return _open_header(data)[0]
+
+
+def _open_header(data: bytes) -> tuple[str, pyvips.Image]:
+    """Read the format and the header of `data`; pixels are decoded later, if at all."""
     try:
         header = pyvips.Image.new_from_buffer(data, "")
         loader = header.get("vips-loader")
@@ -63,7 +68,7 @@ def detect_format(data: bytes) -> str:
     source_format = LOADER_FORMATS.get(loader)
     if source_format is None:
         raise UnsupportedFormat(f"source format {loader.removesuffix('load_buffer')!r} is not supported")
-    return source_format
+    return source_format, header
 
 
 def make_variant(data: bytes, width: int, output_format: str, settings: Settings) -> EncodedImage:
@@ -72,7 +77,15 @@ def make_variant(data: bytes, width: int, output_format: str, settings: Settings
     A 5640×3172 JPEG at width 720 gives 720×405. A source narrower than `width`
     keeps its own size, because a variant is never enlarged.
     """
-    source_format = detect_format(data)
+    source_format, header = _open_header(data)
+    # The header alone tells the size, so an oversized image is rejected before
+    # any pixel is decoded.
+    pixels = header.width * header.height
+    if pixels > settings.max_pixels:
+        raise SourceTooLarge(
+            f"source is {header.width}×{header.height} pixels, over the limit of "
+            f"{settings.max_pixels} (PROXY_MAX_PIXELS)"
+        )
     try:
         image = _thumbnail(data, width, source_format)
         image = _to_srgb(image)

@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     # RGB colour, as six hex digits, that alpha is flattened onto for JPEG output.
     background: str = "ffffff"
 
+    # Sources over either limit get 413. The pixel count is read from the header.
+    max_source_mb: float = Field(50.0, gt=0)
+    max_pixels: int = Field(100_000_000, ge=1)
+
     cache_control: str = "public, max-age=31536000, immutable"
     error_cache_control: str = "public, max-age=60"
 

@@ -11,7 +11,7 @@ from typing import TypeVar
 from cachetools import LRUCache, TTLCache
 
 from . import imaging
-from .errors import NotFound
+from .errors import NotFound, SourceTooLarge
 from .paths import SOURCE_EXTENSIONS, VariantRequest
 from .settings import Settings
 from .store import Store, StoredObject
@@ -108,6 +108,12 @@ class VariantService:
             return self._remember(stored, "store")
 
         source = await self._fetch_source(request)
+        max_bytes = self.settings.max_source_mb * 1024 * 1024
+        if len(source.body) > max_bytes:
+            raise SourceTooLarge(
+                f"source {source.key} is {len(source.body)} bytes, over the limit of "
+                f"{self.settings.max_source_mb:g} MiB (PROXY_MAX_SOURCE_MB)"
+            )
         encoded = await self._run_in_pool(
             imaging.make_variant, source.body, request.width, request.format, self.settings
         )

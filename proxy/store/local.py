@@ -3,7 +3,7 @@
 import asyncio
 import mimetypes
 import os
-import tempfile
+import secrets
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -36,7 +36,8 @@ class LocalStore(Store):
         return await asyncio.to_thread(self._head, key)
 
     async def put(self, key: str, body: bytes, content_type: str, cache_control: str) -> StoredObject:
-        return await asyncio.to_thread(self._put, key, body, content_type)
+        # The content type is not stored: `get` derives it from the extension.
+        return await asyncio.to_thread(self._put, key, body)
 
     async def list_keys(self, prefix: str) -> list[str]:
         return await asyncio.to_thread(self._list_keys, prefix)
@@ -50,9 +51,11 @@ class LocalStore(Store):
 
     def _path(self, key: str) -> Path:
         # Keys are checked before they get here; this guard keeps a key that
-        # slipped through from naming a file outside the root.
+        # slipped through from naming a file outside the root. A NUL byte would
+        # make open() raise ValueError, which no caller expects.
         parts = key.split("/")
-        if not key or key.startswith("/") or any(part in ("", ".", "..") for part in parts):
+        unsafe_part = any(part in ("", ".", "..") for part in parts)
+        if not key or key.startswith("/") or "\x00" in key or unsafe_part:
             raise StoreFailed(f"key {key!r} cannot name a file in a local store")
         return self.root.joinpath(*parts)
 
@@ -80,11 +83,14 @@ class LocalStore(Store):
             return None
         return ObjectInfo(key, len(stored.body), stored.etag, stored.last_modified)
 
-    def _put(self, key: str, body: bytes, content_type: str) -> StoredObject:
+    def _put(self, key: str, body: bytes) -> StoredObject:
         path = self._path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            # Not tempfile.mkstemp, which creates files with mode 0o600: this file
+            # gets 0o666 less the umask, as any file the process creates does.
+            temporary = path.parent / f".tmp-{secrets.token_hex(8)}"
+            handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             try:
                 with os.fdopen(handle, "wb") as file:
                     file.write(body)
@@ -95,11 +101,14 @@ class LocalStore(Store):
             mtime = path.stat().st_mtime
         except OSError as error:
             raise StoreFailed(f"writing {path} failed: {error.strerror}") from error
-        return StoredObject(key, body, content_type, md5_etag(body), _timestamp(mtime))
+        return StoredObject(key, body, _content_type(key), md5_etag(body), _timestamp(mtime))
 
     def _list_keys(self, prefix: str) -> list[str]:
         # Walk only the deepest folder that the prefix names in full.
         folder_key, _, _ = prefix.rpartition("/")
+        if folder_key and any(part in ("", ".", "..") for part in folder_key.split("/")):
+            # No stored key has such a segment, and walking it could leave the root.
+            return []
         start = self.root.joinpath(*folder_key.split("/")) if folder_key else self.root
         keys = []
         for directory, subdirectories, files in os.walk(start):
@@ -125,7 +134,9 @@ class LocalStore(Store):
 
 
 def _content_type(key: str) -> str:
-    content_type, _ = mimetypes.guess_type(key, strict=False)
+    # guess_type reads a path as a URL, so a key such as `data:photo.jpg` would be
+    # taken for a data URL. A leading '/' leaves no URL scheme to find.
+    content_type, _ = mimetypes.guess_type("/" + key, strict=False)
     return content_type or "application/octet-stream"
 
 

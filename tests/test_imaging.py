@@ -1,0 +1,178 @@
+"""The libvips pipeline on generated images and a real photograph."""
+
+import pytest
+import pyvips
+
+from conftest import decode, make_image
+from proxy import imaging
+from proxy.errors import UndecodableSource, UnsupportedFormat
+
+
+@pytest.fixture
+def settings(settings_for, tmp_path):
+    return settings_for(storage=str(tmp_path))
+
+
+def test_photo_resized_to_exact_width(photo, settings):
+    source = decode(photo)
+
+    result = imaging.make_variant(photo, 720, "jpg", settings)
+
+    image = decode(result.body)
+    assert (image.width, image.height) == (720, round(source.height * 720 / source.width))
+    assert (result.width, result.height) == (image.width, image.height)
+    assert result.content_type == "image/jpeg"
+
+
+@pytest.mark.parametrize(("size", "expected"), [((900, 1), (360, 1)), ((1, 900), (1, 900)), ((449, 3), (360, 2))])
+def test_thin_image_keeps_every_side(settings, size, expected):
+    source = make_image(*size, ".png")
+
+    result = imaging.make_variant(source, 360, "png", settings)
+
+    image = decode(result.body)
+    assert (image.width, image.height) == expected
+
+
+def test_narrow_image_not_enlarged(settings):
+    result = imaging.make_variant(make_image(100, 80), 720, "webp", settings)
+
+    assert (result.width, result.height) == (100, 80)
+
+
+def test_exif_orientation_applied(settings):
+    # A landscape image whose EXIF says "rotate 90° clockwise" must come out portrait.
+    landscape = pyvips.Image.new_from_buffer(make_image(800, 400), "").copy()
+    landscape.set_type(pyvips.GValue.gint_type, "orientation", 6)
+    source = landscape.jpegsave_buffer(Q=90)
+
+    result = imaging.make_variant(source, 360, "jpg", settings)
+
+    image = decode(result.body)
+    assert (image.width, image.height) == (360, 720)
+    assert image.get_typeof("orientation") == 0 or image.get("orientation") == 1
+
+
+def test_alpha_flattened_onto_white_for_jpeg(settings):
+    # An opaque black square on a transparent background.
+    alpha = pyvips.Image.black(400, 400).draw_rect(255, 100, 100, 200, 200, fill=True)
+    source = pyvips.Image.black(400, 400, bands=3).copy(interpretation="srgb").bandjoin(alpha).pngsave_buffer()
+
+    result = imaging.make_variant(source, 360, "jpg", settings)
+
+    image = decode(result.body)
+    assert image.bands == 3
+    corner = image.crop(0, 0, 20, 20).avg()
+    centre = image.crop(170, 170, 20, 20).avg()
+    assert corner > 245, "transparent parts must become white"
+    assert centre < 10, "the opaque black must stay black"
+
+
+def test_alpha_kept_for_png_and_webp(settings):
+    alpha = pyvips.Image.black(400, 400).draw_rect(255, 100, 100, 200, 200, fill=True)
+    source = pyvips.Image.black(400, 400, bands=3).copy(interpretation="srgb").bandjoin(alpha).pngsave_buffer()
+
+    for output_format in ("png", "webp"):
+        image = decode(imaging.make_variant(source, 360, output_format, settings).body)
+        assert image.hasalpha(), output_format
+        assert image.extract_band(3).crop(0, 0, 20, 20).avg() < 5, output_format
+
+
+def test_background_setting_used(settings_for, tmp_path):
+    settings = settings_for(storage=str(tmp_path), background="ff0000")
+    alpha = pyvips.Image.black(100, 100)
+    source = pyvips.Image.black(100, 100, bands=3).copy(interpretation="srgb").bandjoin(alpha).pngsave_buffer()
+
+    image = decode(imaging.make_variant(source, 360, "jpg", settings).body)
+
+    red, green, blue = (image.extract_band(band).avg() for band in range(3))
+    assert red > 240
+    assert green < 15
+    assert blue < 15
+
+
+def test_sixteen_bit_png_becomes_eight_bit(settings):
+    source = (pyvips.Image.xyz(300, 200)[0] * 200).cast("ushort")
+    source = source.bandjoin([source, source]).copy(interpretation="rgb16").pngsave_buffer()
+
+    for output_format in ("jpg", "png", "webp"):
+        image = decode(imaging.make_variant(source, 360, output_format, settings).body)
+        assert image.format == "uchar", output_format
+        assert image.bands == 3, output_format
+
+
+@pytest.mark.parametrize("output_format", ["jpg", "png", "webp", "avif"])
+def test_grey_sources_work_in_every_format(settings, output_format):
+    grey = pyvips.Image.xyz(300, 200)[0].cast("uchar").copy(interpretation="b-w")
+    grey_alpha = grey.bandjoin_const(128).copy(interpretation="b-w")
+
+    for source in (grey.pngsave_buffer(), grey_alpha.pngsave_buffer()):
+        image = decode(imaging.make_variant(source, 360, output_format, settings).body)
+        assert image.width == 300
+
+
+def test_cmyk_jpeg_converted_to_srgb(settings):
+    # Pure red in sRGB, converted to CMYK by libvips' built-in profile.
+    red = pyvips.Image.black(200, 100, bands=3).new_from_image([255, 0, 0]).copy(interpretation="srgb")
+    source = red.icc_export(output_profile="cmyk").jpegsave_buffer(Q=95)
+    assert decode(source).interpretation == "cmyk"
+
+    image = decode(imaging.make_variant(source, 360, "jpg", settings).body)
+
+    assert image.bands == 3
+    red_level, green_level, blue_level = (image.extract_band(band).avg() for band in range(3))
+    assert red_level > 180
+    assert green_level < 80
+    assert blue_level < 80
+
+
+def test_jpeg_quality_setting_changes_size(settings_for, tmp_path, photo):
+    low = settings_for(storage=str(tmp_path), jpeg_quality="40")
+    high = settings_for(storage=str(tmp_path), jpeg_quality="95")
+
+    small = imaging.make_variant(photo, 720, "jpg", low).body
+    large = imaging.make_variant(photo, 720, "jpg", high).body
+
+    assert len(small) < len(large)
+
+
+def test_webp_quality_setting_changes_size(settings_for, tmp_path, photo):
+    low = settings_for(storage=str(tmp_path), webp_quality="30")
+    high = settings_for(storage=str(tmp_path), webp_quality="95")
+
+    assert len(imaging.make_variant(photo, 720, "webp", low).body) < len(
+        imaging.make_variant(photo, 720, "webp", high).body
+    )
+
+
+def test_avif_quality_setting_changes_size(settings_for, tmp_path, photo):
+    low = settings_for(storage=str(tmp_path), avif_quality="20", avif_effort="0")
+    high = settings_for(storage=str(tmp_path), avif_quality="90", avif_effort="0")
+
+    assert len(imaging.make_variant(photo, 360, "avif", low).body) < len(
+        imaging.make_variant(photo, 360, "avif", high).body
+    )
+
+
+@pytest.mark.parametrize(
+    ("suffix", "expected"),
+    [(".jpg", "jpeg"), (".png", "png"), (".webp", "webp"), (".gif", "gif"), (".tif", "tiff"), (".avif", "heif")],
+)
+def test_format_detected_from_bytes(suffix, expected):
+    assert imaging.detect_format(make_image(64, 48, suffix)) == expected
+
+
+def test_non_image_rejected_as_unsupported(settings):
+    with pytest.raises(UnsupportedFormat) as error:
+        imaging.make_variant(b"%PDF-1.7 not an image" * 20, 360, "jpg", settings)
+
+    assert "not an image" in error.value.message
+
+
+def test_truncated_jpeg_rejected(photo, settings):
+    truncated = photo[: len(photo) * 6 // 10]
+
+    with pytest.raises(UndecodableSource) as error:
+        imaging.make_variant(truncated, 360, "jpg", settings)
+
+    assert "jpeg" in error.value.message

@@ -1,0 +1,469 @@
+"""The request path end to end: moto's S3 server over HTTP, real libvips, real photos."""
+
+import asyncio
+from email.utils import format_datetime, parsedate_to_datetime
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from conftest import CountingStore, decode, make_image, running_app
+from proxy.app import open_store
+
+
+@pytest.fixture
+def s3_settings(bucket, settings_for):
+    return settings_for(storage=f"s3://{bucket}")
+
+
+def aspect_height(source: bytes, width: int) -> int:
+    image = decode(source)
+    return max(1, round(image.height * width / image.width))
+
+
+def variant_keys(s3, bucket) -> list[str]:
+    listing = s3.list_objects_v2(Bucket=bucket, Prefix="r/")
+    return [item["Key"] for item in listing.get("Contents", [])]
+
+
+async def test_first_request_makes_and_stores_variant(s3, bucket, photo, s3_settings):
+    s3.put_object(Bucket=bucket, Key="original/a/b/photo.jpg", Body=photo, ContentType="image/jpeg")
+
+    async with running_app(s3_settings) as client:
+        response = await client.get("/r/a/b/photo-720.jpg")
+
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "image/jpeg"
+    image = decode(response.content)
+    assert image.get("vips-loader") == "jpegload_buffer"
+    assert image.width == 720
+    assert image.height == aspect_height(photo, 720)
+
+    stored = s3.get_object(Bucket=bucket, Key="r/a/b/photo-720.jpg")
+    assert stored["ContentType"] == "image/jpeg"
+    assert stored["CacheControl"] == "public, max-age=31536000, immutable"
+    assert stored["Body"].read() == response.content
+
+
+async def test_variant_has_no_exif_or_gps(s3, bucket, photo, s3_settings):
+    source = decode(photo)
+    assert source.get_typeof("exif-data") != 0, "the test photo must carry EXIF"
+    s3.put_object(Bucket=bucket, Key="original/a/b/photo.jpg", Body=photo)
+
+    async with running_app(s3_settings) as client:
+        response = await client.get("/r/a/b/photo-720.jpg")
+
+    assert response.status_code == 200
+    image = decode(response.content)
+    metadata = [name for name in image.get_fields() if name.startswith(("exif-", "xmp-", "iptc-", "icc-"))]
+    assert metadata == []
+    assert b"Exif\x00\x00" not in response.content
+    assert b"TestCamera" not in response.content
+
+
+async def test_test_photo_carries_gps(photo):
+    # Guards the test above: the source really has GPS tags to strip.
+    source = decode(photo)
+    assert source.get("exif-ifd3-GPSLatitudeRef").startswith("N")
+
+
+async def test_persistent_cache_serves_after_source_deleted(s3, bucket, photo, s3_settings):
+    s3.put_object(Bucket=bucket, Key="original/a/b/photo.jpg", Body=photo)
+    async with running_app(s3_settings) as client:
+        first = await client.get("/r/a/b/photo-720.jpg")
+    assert first.status_code == 200
+
+    s3.delete_object(Bucket=bucket, Key="original/a/b/photo.jpg")
+
+    # A new app starts with an empty memory cache, so this copy comes from S3.
+    async with running_app(s3_settings) as client:
+        second = await client.get("/r/a/b/photo-720.jpg")
+    assert second.status_code == 200
+    assert second.content == first.content
+    assert second.headers["etag"] == first.headers["etag"]
+
+
+@pytest.mark.parametrize(
+    ("ext", "content_type", "loader"),
+    [
+        ("webp", "image/webp", "webpload_buffer"),
+        ("png", "image/png", "pngload_buffer"),
+        ("avif", "image/avif", "heifload_buffer"),
+        ("jpeg", "image/jpeg", "jpegload_buffer"),
+    ],
+)
+async def test_output_formats_from_jpeg(s3, bucket, photo, s3_settings, ext, content_type, loader):
+    s3.put_object(Bucket=bucket, Key="original/a/b/photo.jpg", Body=photo)
+
+    async with running_app(s3_settings) as client:
+        response = await client.get(f"/r/a/b/photo-360.{ext}")
+
+    assert response.status_code == 200
+    assert response.headers["content-type"] == content_type
+    image = decode(response.content)
+    assert image.get("vips-loader") == loader
+    assert image.width == 360
+    assert image.height == aspect_height(photo, 360)
+    assert s3.head_object(Bucket=bucket, Key=f"r/a/b/photo-360.{ext}")["ContentType"] == content_type
+
+
+async def test_uppercase_source_extension_found(s3, bucket, photo, s3_settings):
+    s3.put_object(Bucket=bucket, Key="original/a/b/IMG_0001.JPG", Body=photo)
+
+    async with running_app(s3_settings) as client:
+        response = await client.get("/r/a/b/IMG_0001-360.webp")
+
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "image/webp"
+    assert decode(response.content).width == 360
+    assert variant_keys(s3, bucket) == ["r/a/b/IMG_0001-360.webp"]
+
+
+async def test_octet_stream_source_recognised(s3, bucket, photo, s3_settings):
+    s3.put_object(
+        Bucket=bucket, Key="original/a/b/photo.jpg", Body=photo, ContentType="binary/octet-stream"
+    )
+
+    async with running_app(s3_settings) as client:
+        response = await client.get("/r/a/b/photo-720.jpg")
+
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "image/jpeg"
+    assert s3.head_object(Bucket=bucket, Key="r/a/b/photo-720.jpg")["ContentType"] == "image/jpeg"
+
+
+async def test_source_format_read_from_bytes(s3, bucket, s3_settings):
+    # A PNG uploaded under a .jpg name is still decoded as PNG.
+    s3.put_object(Bucket=bucket, Key="original/misnamed.jpg", Body=make_image(800, 400, ".png"))
+
+    async with running_app(s3_settings) as client:
+        response = await client.get("/r/misnamed-360.jpg")
+
+    assert response.status_code == 200
+    image = decode(response.content)
+    assert (image.width, image.height) == (360, 180)
+
+
+async def test_width_not_allowed_writes_nothing(s3, bucket, photo, s3_settings):
+    s3.put_object(Bucket=bucket, Key="original/a/b/photo.jpg", Body=photo)
+    counting = CountingStore(await open_store(s3_settings))
+
+    async with running_app(s3_settings, counting) as client:
+        response = await client.get("/r/a/b/photo-700.jpg")
+
+    assert response.status_code == 404
+    assert "700" in response.text
+    assert counting.calls == []
+    assert variant_keys(s3, bucket) == []
+
+
+async def test_only_last_number_is_width(s3, bucket, s3_settings):
+    # Two sources with different shapes show which one was used.
+    s3.put_object(Bucket=bucket, Key="original/a/img-800.jpg", Body=make_image(800, 400))
+    s3.put_object(Bucket=bucket, Key="original/a/img.jpg", Body=make_image(800, 800))
+
+    async with running_app(s3_settings) as client:
+        response = await client.get("/r/a/img-800-360.jpg")
+
+    assert response.status_code == 200
+    image = decode(response.content)
+    assert (image.width, image.height) == (360, 180)
+    assert variant_keys(s3, bucket) == ["r/a/img-800-360.jpg"]
+
+
+async def test_narrow_source_not_enlarged(s3, bucket, s3_settings):
+    s3.put_object(Bucket=bucket, Key="original/small.png", Body=make_image(100, 80, ".png"))
+
+    async with running_app(s3_settings) as client:
+        response = await client.get("/r/small-720.jpg")
+
+    assert response.status_code == 200
+    image = decode(response.content)
+    assert (image.width, image.height) == (100, 80)
+
+
+async def test_portrait_gets_exact_width(s3, bucket, s3_settings):
+    # libvips' thumbnail fits a square box by default, which would make this 720 tall.
+    s3.put_object(Bucket=bucket, Key="original/tall.jpg", Body=make_image(1000, 3000))
+
+    async with running_app(s3_settings) as client:
+        response = await client.get("/r/tall-720.jpg")
+
+    image = decode(response.content)
+    assert (image.width, image.height) == (720, 2160)
+
+
+async def test_concurrent_requests_make_variant_once(s3, bucket, photo, s3_settings):
+    s3.put_object(Bucket=bucket, Key="original/a/b/photo.jpg", Body=photo)
+    counting = CountingStore(await open_store(s3_settings))
+
+    async with running_app(s3_settings, counting) as client:
+        responses = await asyncio.gather(*(client.get("/r/a/b/photo-720.jpg") for _ in range(10)))
+
+    assert [response.status_code for response in responses] == [200] * 10
+    assert len({response.content for response in responses}) == 1
+    assert counting.count("get", "original/a/b/photo.jpg") == 1
+    assert counting.count("put", "r/a/b/photo-720.jpg") == 1
+    assert counting.count("put") == 1
+
+
+async def test_hot_variant_served_from_memory(s3, bucket, photo, s3_settings):
+    s3.put_object(Bucket=bucket, Key="original/a/b/photo.jpg", Body=photo)
+    counting = CountingStore(await open_store(s3_settings))
+
+    async with running_app(s3_settings, counting) as client:
+        first = await client.get("/r/a/b/photo-720.jpg")
+        calls_after_first = len(counting.calls)
+        second = await client.get("/r/a/b/photo-720.jpg")
+
+    assert second.status_code == 200
+    assert second.content == first.content
+    assert len(counting.calls) == calls_after_first
+
+
+async def test_if_none_match_returns_304(s3, bucket, photo, s3_settings):
+    s3.put_object(Bucket=bucket, Key="original/a/b/photo.jpg", Body=photo)
+    async with running_app(s3_settings) as client:
+        first = await client.get("/r/a/b/photo-720.jpg")
+        etag = first.headers["etag"]
+        from_memory = await client.get("/r/a/b/photo-720.jpg", headers={"If-None-Match": etag})
+
+    assert from_memory.status_code == 304
+    assert from_memory.content == b""
+    assert from_memory.headers["etag"] == etag
+
+
+async def test_304_from_store_loads_no_image(s3, bucket, photo, s3_settings):
+    s3.put_object(Bucket=bucket, Key="original/a/b/photo.jpg", Body=photo)
+    async with running_app(s3_settings) as client:
+        etag = (await client.get("/r/a/b/photo-720.jpg")).headers["etag"]
+
+    # A new app has an empty memory cache: the ETag must come from a HEAD alone.
+    counting = CountingStore(await open_store(s3_settings))
+    async with running_app(s3_settings, counting) as client:
+        response = await client.get("/r/a/b/photo-720.jpg", headers={"If-None-Match": etag})
+
+    assert response.status_code == 304
+    assert counting.count("get") == 0
+    assert counting.count("head", "r/a/b/photo-720.jpg") == 1
+
+
+async def test_client_conditions_not_sent_to_store(s3, bucket, photo, s3_settings):
+    s3.put_object(Bucket=bucket, Key="original/a/b/photo.jpg", Body=photo)
+    async with running_app(s3_settings) as client:
+        first = await client.get("/r/a/b/photo-720.jpg")
+
+    # Passed on to S3, If-Match would fail with 412 and a later If-Modified-Since
+    # with 304; the proxy must return the full variant instead.
+    future = format_datetime(datetime.now(timezone.utc) + timedelta(days=1), usegmt=True)
+    headers = {"If-Match": '"no-such-etag"', "If-Modified-Since": future, "If-None-Match": '"other"'}
+    async with running_app(s3_settings) as client:
+        response = await client.get("/r/a/b/photo-720.jpg", headers=headers)
+
+    assert response.status_code == 200
+    assert response.content == first.content
+
+
+async def test_head_matches_get_without_body(s3, bucket, photo, s3_settings):
+    s3.put_object(Bucket=bucket, Key="original/a/b/photo.jpg", Body=photo)
+
+    async with running_app(s3_settings) as client:
+        head_first = await client.head("/r/a/b/photo-720.webp")
+        get = await client.get("/r/a/b/photo-720.webp")
+
+    assert head_first.status_code == 200
+    assert head_first.content == b""
+    for name in ("content-type", "content-length", "etag", "last-modified", "cache-control"):
+        assert head_first.headers[name] == get.headers[name], name
+    assert int(get.headers["content-length"]) == len(get.content)
+
+
+async def test_variant_headers(s3, bucket, photo, s3_settings):
+    s3.put_object(Bucket=bucket, Key="original/a/b/photo.jpg", Body=photo)
+
+    async with running_app(s3_settings) as client:
+        response = await client.get("/r/a/b/photo-720.jpg")
+
+    assert response.headers["cache-control"] == "public, max-age=31536000, immutable"
+    assert response.headers["etag"].startswith('"')
+    assert parsedate_to_datetime(response.headers["last-modified"]).tzinfo is not None
+    assert response.headers["x-request-id"]
+
+
+async def test_cache_control_configurable(bucket, s3, photo, settings_for):
+    settings = settings_for(storage=f"s3://{bucket}", cache_control="public, max-age=600")
+    s3.put_object(Bucket=bucket, Key="original/p.jpg", Body=photo)
+
+    async with running_app(settings) as client:
+        response = await client.get("/r/p-360.jpg")
+
+    assert response.headers["cache-control"] == "public, max-age=600"
+    assert s3.head_object(Bucket=bucket, Key="r/p-360.jpg")["CacheControl"] == "public, max-age=600"
+
+
+async def test_missing_source_returns_404(s3, bucket, s3_settings):
+    async with running_app(s3_settings) as client:
+        response = await client.get("/r/a/b/nothing-720.jpg")
+
+    assert response.status_code == 404
+    assert response.headers["content-type"].startswith("text/plain")
+    assert response.headers["cache-control"] == "public, max-age=60"
+    assert "original/a/b/nothing" in response.text
+    assert variant_keys(s3, bucket) == []
+
+
+async def test_missing_source_remembered_for_lookup_ttl(s3, bucket, photo, settings_for):
+    settings = settings_for(storage=f"s3://{bucket}", lookup_ttl="3600")
+    counting = CountingStore(await open_store(settings))
+
+    async with running_app(settings, counting) as client:
+        first = await client.get("/r/late-360.jpg")
+        calls = len(counting.calls)
+        s3.put_object(Bucket=bucket, Key="original/late.jpg", Body=photo)
+        second = await client.get("/r/late-360.webp")
+
+    assert first.status_code == 404
+    assert second.status_code == 404
+    # Only the variant's own store lookup runs; the source miss is remembered.
+    assert counting.calls[calls:] == [("get", "r/late-360.webp")]
+
+
+async def test_source_found_after_upload_without_ttl(s3, bucket, photo, settings_for):
+    settings = settings_for(storage=f"s3://{bucket}", lookup_ttl="0")
+
+    async with running_app(settings) as client:
+        first = await client.get("/r/late-360.jpg")
+        s3.put_object(Bucket=bucket, Key="original/late.jpg", Body=photo)
+        second = await client.get("/r/late-360.jpg")
+
+    assert first.status_code == 404
+    assert second.status_code == 200
+
+
+async def test_found_source_key_remembered(s3, bucket, photo, s3_settings):
+    s3.put_object(Bucket=bucket, Key="original/p.PNG", Body=make_image(400, 200, ".png"))
+    counting = CountingStore(await open_store(s3_settings))
+
+    async with running_app(s3_settings, counting) as client:
+        await client.get("/r/p-360.jpg")
+        calls = len(counting.calls)
+        await client.get("/r/p-720.jpg")
+
+    # The second variant goes straight to the remembered key: no list.
+    assert counting.count("list") == 1
+    assert ("get", "original/p.PNG") in counting.calls[calls:]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/r/../original/a/b/photo-720.jpg",
+        "/r/%2e%2e/original/a/b/photo-720.jpg",
+        "/r/a/%2E%2E/%2E%2E/etc/passwd-720.jpg",
+        "/r//a/b/photo-720.jpg",
+        "/r/a%2F%2Fb/photo-720.jpg",
+        "/r/a%5Cb/photo-720.jpg",
+        "/r/a/b/photo%00-720.jpg",
+        "/r/a/b/%ff-720.jpg",
+    ],
+)
+async def test_hostile_path_rejected_without_store(s3_settings, path):
+    # Traversal, empty segments, backslashes, NUL and invalid UTF-8 must be
+    # rejected before any store call, since a store could resolve them elsewhere.
+    counting = CountingStore(await open_store(s3_settings))
+
+    async with running_app(s3_settings, counting) as client:
+        response = await client.get(path)
+
+    assert 400 <= response.status_code < 500
+    assert counting.calls == []
+
+
+async def test_overlong_key_rejected(s3_settings):
+    counting = CountingStore(await open_store(s3_settings))
+    path = "/r/" + "a" * 1100 + "-720.jpg"
+
+    async with running_app(s3_settings, counting) as client:
+        response = await client.get(path)
+
+    assert response.status_code == 400
+    assert "1024" in response.text
+    assert counting.calls == []
+
+
+async def test_undecodable_source_returns_415(s3, bucket, s3_settings):
+    s3.put_object(Bucket=bucket, Key="original/junk.jpg", Body=b"this is not an image" * 50)
+
+    async with running_app(s3_settings) as client:
+        response = await client.get("/r/junk-360.jpg")
+
+    assert response.status_code == 415
+    assert variant_keys(s3, bucket) == []
+
+
+async def test_truncated_source_returns_422_and_stores_nothing(s3, bucket, photo, s3_settings):
+    s3.put_object(Bucket=bucket, Key="original/cut.jpg", Body=photo[: len(photo) * 6 // 10])
+
+    async with running_app(s3_settings) as client:
+        response = await client.get("/r/cut-360.jpg")
+        again = await client.get("/r/cut-360.jpg")
+
+    assert response.status_code == 422
+    assert again.status_code == 422
+    assert variant_keys(s3, bucket) == []
+
+
+async def test_other_methods_not_allowed(s3_settings):
+    async with running_app(s3_settings) as client:
+        response = await client.post("/r/a/b/photo-720.jpg", content=b"x")
+
+    assert response.status_code == 405
+
+
+async def test_local_store_serves_same_variant(tmp_path, photo, settings_for):
+    source = tmp_path / "original" / "a" / "b" / "photo.jpg"
+    source.parent.mkdir(parents=True)
+    source.write_bytes(photo)
+    settings = settings_for(storage=str(tmp_path))
+
+    async with running_app(settings) as client:
+        response = await client.get("/r/a/b/photo-720.jpg")
+        head = await client.head("/r/a/b/photo-720.jpg")
+
+    assert response.status_code == 200
+    assert decode(response.content).width == 720
+    assert (tmp_path / "r" / "a" / "b" / "photo-720.jpg").read_bytes() == response.content
+    assert head.headers["etag"] == response.headers["etag"]
+
+
+def with_claimed_size(jpeg: bytes, width: int, height: int) -> bytes:
+    """Rewrite the frame header so the JPEG claims another size; the data stays small."""
+    frame = jpeg.index(b"\xff\xc0")
+    header = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return jpeg[: frame + 5] + header + jpeg[frame + 9 :]
+
+
+async def test_pixel_bomb_rejected_from_header(s3, bucket, s3_settings):
+    # A few KB that claim 64250×64250 pixels must not be decoded.
+    bomb = with_claimed_size(make_image(64, 64), 64250, 64250)
+    assert len(bomb) < 20_000
+    s3.put_object(Bucket=bucket, Key="original/bomb.jpg", Body=bomb)
+
+    async with running_app(s3_settings) as client:
+        response = await client.get("/r/bomb-360.jpg")
+
+    assert response.status_code == 413
+    assert "64250×64250" in response.text
+    assert "PROXY_MAX_PIXELS" in response.text
+    assert variant_keys(s3, bucket) == []
+
+
+async def test_source_over_byte_limit_rejected(s3, bucket, photo, settings_for):
+    settings = settings_for(storage=f"s3://{bucket}", max_source_mb="0.05")
+    s3.put_object(Bucket=bucket, Key="original/big.jpg", Body=photo)
+
+    async with running_app(settings) as client:
+        response = await client.get("/r/big-360.jpg")
+
+    assert response.status_code == 413
+    assert "PROXY_MAX_SOURCE_MB" in response.text
+    assert variant_keys(s3, bucket) == []
