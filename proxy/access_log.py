@@ -12,9 +12,23 @@ logger = logging.getLogger(__name__)
 # log, if it is short and printable.
 MAX_REQUEST_ID_LENGTH = 64
 
+INTERNAL_ERROR_TEXT = b"internal error; the proxy logged the details\n"
+INTERNAL_ERROR_START: Message = {
+    "type": "http.response.start",
+    "status": 500,
+    "headers": [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(INTERNAL_ERROR_TEXT)).encode()),
+        (b"cache-control", b"no-store"),
+    ],
+}
+INTERNAL_ERROR_BODY: Message = {"type": "http.response.body", "body": INTERNAL_ERROR_TEXT}
+
 
 class AccessLogMiddleware:
     """Log each request once it ends, and return its id in `X-Request-ID`.
+
+    An exception that escapes the app becomes a 500 with a short body.
 
     Handlers add `layer` (memory, store or generated) and `error` to the request
     state; the level is INFO below 500 and WARNING from 500 up.
@@ -41,8 +55,24 @@ class AccessLogMiddleware:
                 message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
             await send(message)
 
+        response_started = False
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal response_started
+            response_started = True
+            await send_with_id(message)
+
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive, send_tracked)
+        except Exception as error:
+            # Error types that map to a status are handled inside the app, so
+            # this is a bug. It is logged here once, and the client gets a short
+            # 500 instead of a traceback.
+            logger.exception("unexpected error id=%s path=%s", request_id, _raw_path(scope))
+            state["error"] = f"unexpected {type(error).__name__}"
+            if not response_started:
+                await send_tracked(INTERNAL_ERROR_START)
+                await send_tracked(INTERNAL_ERROR_BODY)
         finally:
             duration_ms = (time.perf_counter() - started) * 1000
             logger.log(

@@ -66,7 +66,6 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.state.settings = settings
     app.add_middleware(AccessLogMiddleware)
     app.add_exception_handler(ProxyError, _error_response)
-    app.add_exception_handler(Exception, _unexpected_error_response)
 
     app.add_api_route("/healthz", healthz, methods=["GET", "HEAD"])
     app.add_api_route("/readyz", readyz, methods=["GET", "HEAD"])
@@ -90,9 +89,9 @@ async def serve_variant(request: Request) -> Response:
     raw_path = request.scope.get("raw_path") or quote(request.scope["path"]).encode()
     variant_request = parse_variant_path(raw_path, settings)
 
-    # A conditional request is answered from the ETag alone when it matches, so
-    # the image is neither fetched nor made. The client's conditional headers are
-    # never passed on to the store: its answer must stay a full object.
+    # When If-None-Match matches the stored ETag, the proxy returns 304 without
+    # fetching or making the image. The client's conditional headers never go to
+    # the store, because the store must return the full object.
     if_none_match = request.headers.get("if-none-match")
     variant = variants.cached(variant_request.key)
     if variant is None and if_none_match:
@@ -144,13 +143,3 @@ async def _error_response(request: Request, error: Exception) -> Response:
     if isinstance(error, Overloaded):
         headers["Retry-After"] = str(error.retry_after)
     return PlainTextResponse(error.message + "\n", status_code=error.status, headers=headers)
-
-
-async def _unexpected_error_response(request: Request, error: Exception) -> Response:
-    logger.exception("unexpected error path=%s", request.url.path)
-    request.state.error = f"unexpected {type(error).__name__}"
-    return PlainTextResponse(
-        "internal error; the proxy logged the details\n",
-        status_code=500,
-        headers={"Cache-Control": "no-store"},
-    )

@@ -78,7 +78,7 @@ def make_variant(data: bytes, width: int, output_format: str, settings: Settings
     keeps its own size, because a variant is never enlarged.
     """
     source_format, header = _open_header(data)
-    # The header alone tells the size, so an oversized image is rejected before
+    # The header alone gives the size, so an oversized image is rejected before
     # any pixel is decoded.
     pixels = header.width * header.height
     if pixels > settings.max_pixels:
@@ -128,10 +128,10 @@ def _to_srgb(image: pyvips.Image) -> pyvips.Image:
 
 
 def _has_foreign_profile(image: pyvips.Image) -> bool:
-    """Tell whether the image carries an ICC profile other than sRGB.
+    """Return whether the image carries an ICC profile other than sRGB.
 
     Most camera JPEGs embed an sRGB profile, and transforming those costs time for
-    no change. Profiles are told apart by the name in their description tag.
+    no change. Profiles are recognised by the name in their description tag.
     """
     if image.get_typeof("icc-profile-data") == 0:
         return False

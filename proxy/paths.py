@@ -85,8 +85,12 @@ def _decode_key(raw_path: bytes) -> str:
     and `.`/`..`/empty segments are rejected last, because a local folder store
     would otherwise resolve them to another file.
     """
+    # Each key byte takes at most three path bytes (`%XX`), after the leading '/'.
     if len(raw_path) > 3 * MAX_KEY_BYTES + 1:
-        raise InvalidPath(f"path is longer than {MAX_KEY_BYTES} bytes; shorten the key")
+        raise InvalidPath(
+            f"path is {len(raw_path)} bytes, so its key is over the S3 limit of "
+            f"{MAX_KEY_BYTES} bytes; shorten it"
+        )
     decoded = unquote_to_bytes(raw_path)
     if not decoded.startswith(b"/"):
         raise InvalidPath("path must start with '/'")

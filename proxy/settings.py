@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     error_cache_control: str = "public, max-age=60"
 
     # Upper bound of the memory cache, counted in variant bytes.
-    memory_cache_mb: int = Field(128, ge=0)
+    memory_cache_mb: float = Field(128, ge=0)
     # Seconds that a resolved source key, or the absence of a source, is remembered.
     lookup_ttl: float = Field(60.0, ge=0)
     # Threads that decode and encode images; 0 means one per CPU core.

@@ -35,7 +35,7 @@ class Variant:
     content_type: str
     etag: str
     last_modified: datetime
-    # Where this copy came from: `memory`, `store` or `generated`.
+    # Layer that served this copy: `memory`, `store` or `generated`.
     layer: str
 
 
@@ -50,7 +50,7 @@ class VariantService:
         self.store = store
         self.settings = settings
         self.memory: LRUCache[str, Variant] = LRUCache(
-            maxsize=settings.memory_cache_mb * 1024 * 1024,
+            maxsize=int(settings.memory_cache_mb * 1024 * 1024),
             getsizeof=lambda variant: len(variant.body) + ENTRY_OVERHEAD,
         )
         # Source base (key without extension) to the key found, or MISSING.

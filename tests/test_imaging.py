@@ -2,8 +2,8 @@
 
 import pytest
 import pyvips
-
 from conftest import decode, make_image
+
 from proxy import imaging
 from proxy.errors import UndecodableSource, UnsupportedFormat
 

@@ -1,12 +1,12 @@
 """The request path end to end: moto's S3 server over HTTP, real libvips, real photos."""
 
 import asyncio
-from email.utils import format_datetime, parsedate_to_datetime
 from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime, parsedate_to_datetime
 
 import pytest
-
 from conftest import CountingStore, decode, make_image, running_app
+
 from proxy.app import open_store
 
 
@@ -467,3 +467,65 @@ async def test_source_over_byte_limit_rejected(s3, bucket, photo, settings_for):
     assert response.status_code == 413
     assert "PROXY_MAX_SOURCE_MB" in response.text
     assert variant_keys(s3, bucket) == []
+
+
+async def test_memory_cache_bounded_in_bytes(s3, bucket, photo, settings_for):
+    settings = settings_for(storage=f"s3://{bucket}", memory_cache_mb="0.25")
+    s3.put_object(Bucket=bucket, Key="original/p.jpg", Body=photo)
+    paths = [f"/r/p-{width}.{ext}" for width in (360, 720, 1200) for ext in ("jpg", "webp", "png")]
+
+    async with running_app(settings) as client:
+        responses = [await client.get(path) for path in paths]
+        memory = client.app.state.variants.memory
+        cached_bytes = memory.currsize
+        cached_keys = list(memory.keys())
+
+    assert [response.status_code for response in responses] == [200] * len(paths)
+    assert sum(len(response.content) for response in responses) > 256 * 1024
+    assert 0 < cached_bytes <= 256 * 1024
+    assert len(cached_keys) < len(paths)
+
+
+async def test_memory_cache_off_still_serves(s3, bucket, photo, settings_for):
+    settings = settings_for(storage=f"s3://{bucket}", memory_cache_mb="0")
+    s3.put_object(Bucket=bucket, Key="original/p.jpg", Body=photo)
+
+    async with running_app(settings) as client:
+        first = await client.get("/r/p-360.jpg")
+        second = await client.get("/r/p-360.jpg")
+        cached = len(client.app.state.variants.memory)
+
+    assert first.status_code == 200
+    assert second.content == first.content
+    assert cached == 0
+
+
+class BrokenStore(CountingStore):
+    async def get(self, key):
+        raise RuntimeError("simulated programming error")
+
+
+async def test_unexpected_error_gives_short_500(s3_settings, caplog):
+    store = BrokenStore(await open_store(s3_settings))
+
+    async with running_app(s3_settings, store) as client:
+        response = await client.get("/r/a/b/photo-720.jpg")
+
+    assert response.status_code == 500
+    assert "Traceback" not in response.text
+    assert response.headers["cache-control"] == "no-store"
+    assert "simulated programming error" in caplog.text
+
+
+async def test_request_logged_with_id_status_layer(s3, bucket, photo, s3_settings, caplog):
+    s3.put_object(Bucket=bucket, Key="original/p.jpg", Body=photo)
+    caplog.set_level("INFO", logger="proxy")
+
+    async with running_app(s3_settings) as client:
+        await client.get("/r/p-360.jpg", headers={"X-Request-ID": "req-123"})
+        missing = await client.get("/r/none-360.jpg")
+
+    lines = [record.getMessage() for record in caplog.records if record.name == "proxy.access_log"]
+    assert any("id=req-123" in line and "status=200" in line and "layer=generated" in line for line in lines)
+    assert any("status=404" in line and "original/none.* not found" in line for line in lines)
+    assert missing.headers["x-request-id"]
