@@ -81,26 +81,21 @@ class VariantService:
         return await self._single_flight(request.key, lambda: self._load_or_make(request))
 
     async def _single_flight(self, key: str, work: Callable[[], Awaitable[Variant]]) -> Variant:
-        future = self._in_flight.get(key)
-        if future is not None:
-            # shield: a client that disconnects must not cancel the others' result.
-            return await asyncio.shield(future)
+        # The work runs in a task of its own, so a client that disconnects
+        # cancels only its own wait, never the result that others wait for.
+        task = self._in_flight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(work())
+            self._in_flight[key] = task
+            task.add_done_callback(lambda done: self._finish_flight(key, done))
+        return await asyncio.shield(task)
 
-        future = asyncio.get_running_loop().create_future()
-        self._in_flight[key] = future
-        try:
-            variant = await work()
-        except BaseException as error:
-            future.set_exception(error)
-            # The exception is delivered to the waiters, if any; this retrieves
-            # it so asyncio does not report it as never retrieved.
-            future.exception()
-            raise
-        else:
-            future.set_result(variant)
-            return variant
-        finally:
-            del self._in_flight[key]
+    def _finish_flight(self, key: str, task: "asyncio.Future[Variant]") -> None:
+        del self._in_flight[key]
+        # Marks a failure as retrieved even when every waiter has gone, so asyncio
+        # does not report it as never retrieved.
+        if not task.cancelled():
+            task.exception()
 
     async def _load_or_make(self, request: VariantRequest) -> Variant:
         stored = await self.store.get(request.key)

@@ -529,3 +529,21 @@ async def test_request_logged_with_id_status_layer(s3, bucket, photo, s3_setting
     assert any("id=req-123" in line and "status=200" in line and "layer=generated" in line for line in lines)
     assert any("status=404" in line and "original/none.* not found" in line for line in lines)
     assert missing.headers["x-request-id"]
+
+
+async def test_disconnected_client_does_not_cancel_others(s3, bucket, photo, s3_settings):
+    s3.put_object(Bucket=bucket, Key="original/a/b/photo.jpg", Body=photo)
+    counting = CountingStore(await open_store(s3_settings))
+
+    async with running_app(s3_settings, counting) as client:
+        leaving = asyncio.ensure_future(client.get("/r/a/b/photo-1200.jpg"))
+        staying = asyncio.ensure_future(client.get("/r/a/b/photo-1200.jpg"))
+        # Let both requests join the same generation, then drop the first one.
+        while counting.count("get", "original/a/b/photo.jpg") == 0:
+            await asyncio.sleep(0.005)
+        leaving.cancel()
+        response = await staying
+
+    assert response.status_code == 200
+    assert decode(response.content).width == 1200
+    assert counting.count("put") == 1
