@@ -1,5 +1,6 @@
 """One log line per HTTP request, with its id, status, duration, cache layer and error."""
 
+import asyncio
 import logging
 import time
 import uuid
@@ -64,6 +65,10 @@ class AccessLogMiddleware:
 
         try:
             await self.app(scope, receive, send_tracked)
+        except asyncio.CancelledError:
+            # The client went away before the response ended; nginx logs this as 499.
+            status = 499
+            raise
         except Exception as error:
             # Error types that map to a status are handled inside the app, so
             # this is a bug. It is logged here once, and the client gets a short

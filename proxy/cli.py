@@ -3,8 +3,11 @@
 import argparse
 import asyncio
 import logging
+import signal
 import sys
+from types import FrameType
 from typing import Any
+from urllib.parse import quote
 
 import uvicorn
 
@@ -47,23 +50,45 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _serve(args: argparse.Namespace, settings: Settings) -> int:
-    base_url = f"http://{_url_host(args.host)}:{args.port}"
-    print(f"resize-proxy: serving {settings.storage} on {base_url}/", file=sys.stderr)
-    example = _example_path(settings)
-    if example:
-        print(f"resize-proxy: open {base_url}/{example}", file=sys.stderr)
+class _Terminated(BaseException):
+    """SIGTERM arrived while uvicorn's own handler was not installed.
 
-    uvicorn.run(
-        "proxy.app:create_app",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        log_config=log_config(settings.log_level),
-        access_log=False,
-        server_header=False,
-    )
+    It derives from BaseException, like KeyboardInterrupt, so that the
+    `except Exception` blocks in uvicorn and the app do not swallow it.
+    """
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    # uvicorn (0.55 here) stops gracefully on SIGTERM, restores the handler that
+    # it found and raises the signal again. The default handler then killed the
+    # process, so a clean stop exited with status -15. This handler turns that
+    # SIGTERM, or one that arrives before uvicorn starts, into exit status 0.
+    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        base_url = f"http://{_url_host(args.host)}:{args.port}"
+        print(f"resize-proxy: serving {settings.storage} on {base_url}/", file=sys.stderr)
+        example = _example_path(settings)
+        if example:
+            print(f"resize-proxy: open {base_url}/{example}", file=sys.stderr)
+
+        uvicorn.run(
+            "proxy.app:create_app",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            log_config=log_config(settings.log_level),
+            access_log=False,
+            server_header=False,
+        )
+    except _Terminated:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     return 0
 
 
@@ -96,13 +121,17 @@ def _url_host(host: str) -> str:
 
 
 def _example_path(settings: Settings) -> str | None:
-    """Name a variant URL path of the first source in a local store, if there is one."""
+    """Name a variant URL path of the first source in a local store, if there is one.
+
+    The path is percent-encoded, so a file name with a space, `%`, `#` or `?`
+    still gives a URL that reaches that file.
+    """
     if settings.bucket is not None:
         return None
     keys = asyncio.run(LocalStore(settings.storage).list_keys(settings.source_prefix))
     for key in keys:
         stem, dot, extension = key[len(settings.source_prefix) :].rpartition(".")
-        if dot and extension.lower() in SOURCE_EXTENSIONS and not key.startswith(settings.variant_prefix):
+        if dot and stem and extension.lower() in SOURCE_EXTENSIONS and not key.startswith(settings.variant_prefix):
             width = 720 if 720 in settings.widths else settings.widths[0]
-            return f"{settings.variant_prefix}{stem}-{width}.jpg"
+            return quote(f"{settings.variant_prefix}{stem}-{width}.jpg", safe="/")
     return None

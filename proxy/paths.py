@@ -67,9 +67,17 @@ def parse_variant_path(raw_path: bytes, settings: Settings) -> VariantRequest:
         raise NotFound(f"width {width_text} is not allowed; use one of {allowed}")
 
     source_dir = f"{directory}/" if directory else ""
+    source_base = f"{settings.source_prefix}{source_dir}{stem}"
+    # With the whole bucket as the source prefix, `/r/r/a-720-360.jpg` would name
+    # the variant `r/a-720.jpg` as its source. Variants are never sources.
+    if source_base.startswith(settings.variant_prefix):
+        raise NotFound(
+            f"source {source_base}.* lies under the variant prefix "
+            f"{settings.variant_prefix!r}, and variants are not resized again"
+        )
     return VariantRequest(
         key=key,
-        source_base=f"{settings.source_prefix}{source_dir}{stem}",
+        source_base=source_base,
         ext=ext,
         format="jpg" if ext == "jpeg" else ext,
         width=width,
@@ -80,10 +88,10 @@ def _decode_key(raw_path: bytes) -> str:
     """Turn a raw URL path into a store key, rejecting anything that could escape it.
 
     The checks run on the decoded bytes, so `%2e%2e` and `%2F` are judged like `..`
-    and `/`. Order matters: the length is bounded before any other work, the bytes
-    must be UTF-8 before they are read as text, and control characters, backslashes
-    and `.`/`..`/empty segments are rejected last, because a local folder store
-    would otherwise resolve them to another file.
+    and `/`. The order matters. The length is bounded first, so no other check
+    works on a huge input. The bytes must be UTF-8 before they are read as text.
+    Control characters, backslashes and `.`, `..` or empty segments come last:
+    a local folder store would resolve those to another file.
     """
     # Each key byte takes at most three path bytes (`%XX`), after the leading '/'.
     if len(raw_path) > 3 * MAX_KEY_BYTES + 1:

@@ -547,3 +547,20 @@ async def test_disconnected_client_does_not_cancel_others(s3, bucket, photo, s3_
     assert response.status_code == 200
     assert decode(response.content).width == 1200
     assert counting.count("put") == 1
+
+
+async def test_variant_path_never_names_variant_source(s3, bucket, photo, settings_for):
+    # With the whole bucket as source prefix, `r/r/p-720-360.jpg` would resize
+    # the stored variant `r/p-720.jpg` again.
+    settings = settings_for(storage=f"s3://{bucket}", source_prefix="")
+    s3.put_object(Bucket=bucket, Key="p.jpg", Body=photo)
+
+    async with running_app(settings) as client:
+        made = await client.get("/r/p-720.jpg")
+        nested = await client.get("/r/r/p-720-360.jpg")
+
+    assert made.status_code == 200
+    assert nested.status_code == 404
+    assert "variant prefix" in nested.text
+    assert variant_keys(s3, bucket) == ["r/p-720.jpg"]
+

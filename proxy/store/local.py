@@ -36,7 +36,7 @@ class LocalStore(Store):
         return await asyncio.to_thread(self._head, key)
 
     async def put(self, key: str, body: bytes, content_type: str, cache_control: str) -> StoredObject:
-        # The content type is not stored: `get` derives it from the extension.
+        # A local store keeps no metadata, so the content type comes from the extension.
         return await asyncio.to_thread(self._put, key, body)
 
     async def list_keys(self, prefix: str) -> list[str]:
@@ -87,8 +87,8 @@ class LocalStore(Store):
         path = self._path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            # Not tempfile.mkstemp, which creates files with mode 0o600: this file
-            # gets 0o666 less the umask, as any file the process creates does.
+            # tempfile.mkstemp would create the file with mode 0o600. Mode 0o666 here
+            # is reduced by the umask, as for any file that open() creates.
             temporary = path.parent / f".tmp-{secrets.token_hex(8)}"
             handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             try:
@@ -106,8 +106,10 @@ class LocalStore(Store):
     def _list_keys(self, prefix: str) -> list[str]:
         # Walk only the deepest folder that the prefix names in full.
         folder_key, _, _ = prefix.rpartition("/")
-        if folder_key and any(part in ("", ".", "..") for part in folder_key.split("/")):
-            # No stored key has such a segment, and walking it could leave the root.
+        unsafe_part = any(part in ("", ".", "..") for part in folder_key.split("/"))
+        if "\x00" in prefix or (folder_key and unsafe_part):
+            # No stored key has such a segment or a NUL byte, and walking the
+            # folder could leave the root.
             return []
         start = self.root.joinpath(*folder_key.split("/")) if folder_key else self.root
         keys = []

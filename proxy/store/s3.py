@@ -10,6 +10,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aioboto3
@@ -21,6 +22,7 @@ from botocore.exceptions import (
     ConnectTimeoutError,
     ReadTimeoutError,
 )
+from botocore.handlers import add_expect_header
 
 from ..errors import StoreFailed, StoreTimedOut
 from .base import ObjectInfo, Store, StoredObject
@@ -49,12 +51,19 @@ class S3Store(Store):
         config = AioConfig(
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
-            retries={"max_attempts": max_attempts, "mode": "standard"},
+            # botocore reads `max_attempts` here as the number of retries, so
+            # `total_max_attempts`, which counts the first attempt too, is used.
+            retries={"total_max_attempts": max_attempts, "mode": "standard"},
             max_pool_connections=max_connections,
         )
         exit_stack = contextlib.AsyncExitStack()
         session = aioboto3.Session()
         client = await exit_stack.enter_async_context(session.client("s3", config=config))
+        # botocore adds `Expect: 100-continue` to S3 PUT requests with a body, and
+        # aiohttp 3.14 starts the read timeout only after the body is sent, so a
+        # server that never responded to the headers kept a PUT waiting forever.
+        # Without the header the body goes out at once and the read timeout applies.
+        client.meta.events.unregister("before-call.s3", add_expect_header)
         store = cls(client, bucket)
         store._exit_stack = exit_stack
         return store
@@ -102,6 +111,10 @@ class S3Store(Store):
         )
 
     async def put(self, key: str, body: bytes, content_type: str, cache_control: str) -> StoredObject:
+        # NOTE: aiohttp has no write timeout. A server that accepts the connection
+        # and never reads blocks a PUT whose body does not fit in the socket
+        # buffers until it closes the connection. On loopback in a test, a 4 MB
+        # body still timed out and an 8 MB body blocked.
         async with self._translate_errors("PUT", key):
             response = await self._client.put_object(
                 Bucket=self.bucket,
@@ -115,7 +128,7 @@ class S3Store(Store):
             body=body,
             content_type=content_type,
             etag=response.get("ETag", ""),
-            last_modified=datetime.now(timezone.utc).replace(microsecond=0),
+            last_modified=_response_date(response),
         )
 
     async def list_keys(self, prefix: str) -> list[str]:
@@ -154,6 +167,19 @@ class S3Store(Store):
 
 def _error_code(error: ClientError) -> str:
     return str(error.response.get("Error", {}).get("Code", "unknown"))
+
+
+def _response_date(response: dict[str, Any]) -> datetime:
+    """Read the server's Date header of a PUT response.
+
+    The server's clock, not the local one, then dates a variant from its first
+    response on, as its LastModified does when it is read back from the store.
+    """
+    headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+    try:
+        return parsedate_to_datetime(headers["date"]).astimezone(timezone.utc)
+    except (KeyError, TypeError, ValueError):
+        return datetime.now(timezone.utc).replace(microsecond=0)
 
 
 def _utc(value: datetime | None) -> datetime:

@@ -1,0 +1,260 @@
+"""load_settings: PROXY_* environment variables, their defaults and their error messages."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from proxy.settings import SettingsError, load_settings
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> str:
+    """An existing local store folder, so PROXY_STORAGE is valid unless a test changes it."""
+    return str(tmp_path)
+
+
+def settings_error(settings_for, **variables: str) -> str:
+    """Load settings that must fail, and return the SettingsError message."""
+    with pytest.raises(SettingsError) as raised:
+        settings_for(**variables)
+    return str(raised.value)
+
+
+# Defaults
+
+
+def test_defaults_widths(settings_for, folder: str):
+    assert settings_for(storage=folder).widths == [360, 720, 1200, 2200]
+
+
+def test_defaults_formats(settings_for, folder: str):
+    assert settings_for(storage=folder).formats == ["jpg", "webp"]
+
+
+def test_defaults_prefixes(settings_for, folder: str):
+    settings = settings_for(storage=folder)
+
+    assert settings.source_prefix == "original/"
+    assert settings.variant_prefix == "r/"
+
+
+def test_defaults_encoder_settings(settings_for, folder: str):
+    settings = settings_for(storage=folder)
+
+    assert settings.jpeg_quality == 90
+    assert settings.background == "ffffff"
+    assert settings.background_rgb == [255, 255, 255]
+
+
+def test_defaults_cache_control(settings_for, folder: str):
+    settings = settings_for(storage=folder)
+
+    assert settings.cache_control == "public, max-age=31536000, immutable"
+
+
+def test_defaults_no_event_token(settings_for, folder: str):
+    assert settings_for(storage=folder).event_token is None
+
+
+def test_default_storage_is_images_folder(settings_for, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    (tmp_path / "images").mkdir()
+    monkeypatch.chdir(tmp_path)
+
+    settings = settings_for()
+
+    assert settings.storage == "./images"
+    assert settings.bucket is None
+
+
+def test_s3_storage_names_bucket(settings_for):
+    settings = settings_for(storage="s3://photos.example-1/")
+
+    assert settings.storage == "s3://photos.example-1"
+    assert settings.bucket == "photos.example-1"
+
+
+# Comma lists
+
+
+def test_widths_parse_with_spaces(settings_for, folder: str):
+    settings = settings_for(storage=folder, widths=" 720 , 360,1200 ")
+
+    assert settings.widths == [360, 720, 1200]
+
+
+def test_widths_sorted_without_duplicates(settings_for, folder: str):
+    settings = settings_for(storage=folder, widths="720,360,720")
+
+    assert settings.widths == [360, 720]
+
+
+def test_formats_parse_with_spaces(settings_for, folder: str):
+    settings = settings_for(storage=folder, formats=" webp , avif ")
+
+    assert settings.formats == ["webp", "avif"]
+
+
+def test_formats_jpeg_becomes_jpg(settings_for, folder: str):
+    settings = settings_for(storage=folder, formats="JPEG, jpg, PNG")
+
+    assert settings.formats == ["jpg", "png"]
+
+
+# Invalid values: each message names the variable and shows the value.
+
+
+@pytest.mark.parametrize(
+    ("variables", "variable", "shown_value"),
+    [
+        ({"widths": "abc"}, "PROXY_WIDTHS", "'abc'"),
+        ({"widths": "360,abc"}, "PROXY_WIDTHS", "'abc'"),
+        ({"widths": "0"}, "PROXY_WIDTHS", "'0'"),
+        ({"widths": "360,0"}, "PROXY_WIDTHS", "'360,0'"),
+        ({"widths": "-360"}, "PROXY_WIDTHS", "'-360'"),
+        ({"widths": "16384"}, "PROXY_WIDTHS", "'16384'"),
+        ({"widths": ""}, "PROXY_WIDTHS", "''"),
+        ({"widths": " , "}, "PROXY_WIDTHS", "' , '"),
+        ({"formats": "bmp"}, "PROXY_FORMATS", "bmp"),
+        ({"formats": "jpg,gif"}, "PROXY_FORMATS", "gif"),
+        ({"formats": ""}, "PROXY_FORMATS", "''"),
+        ({"jpeg_quality": "0"}, "PROXY_JPEG_QUALITY", "'0'"),
+        ({"jpeg_quality": "101"}, "PROXY_JPEG_QUALITY", "'101'"),
+        ({"webp_quality": "high"}, "PROXY_WEBP_QUALITY", "'high'"),
+        ({"storage": "s3://A_B"}, "PROXY_STORAGE", "A_B"),
+        ({"storage": "s3://ab"}, "PROXY_STORAGE", "'ab'"),
+        ({"storage": ""}, "PROXY_STORAGE", "''"),
+        ({"variant_prefix": ""}, "PROXY_VARIANT_PREFIX", "''"),
+        ({"variant_prefix": "r"}, "PROXY_VARIANT_PREFIX", "'r'"),
+        ({"variant_prefix": "/r/"}, "PROXY_VARIANT_PREFIX", "'/r/'"),
+        ({"variant_prefix": "r/../"}, "PROXY_VARIANT_PREFIX", "'r/../'"),
+        ({"variant_prefix": "r//"}, "PROXY_VARIANT_PREFIX", "'r//'"),
+        ({"source_prefix": "original"}, "PROXY_SOURCE_PREFIX", "'original'"),
+        ({"source_prefix": "r/"}, "PROXY_SOURCE_PREFIX", "'r/'"),
+        ({"source_prefix": "r/orig/"}, "PROXY_SOURCE_PREFIX", "'r/orig/'"),
+        ({"source_prefix": "img/src/", "variant_prefix": "img/"}, "PROXY_SOURCE_PREFIX", "'img/src/'"),
+        ({"background": "zzzzzz"}, "PROXY_BACKGROUND", "'zzzzzz'"),
+        ({"background": "#fff"}, "PROXY_BACKGROUND", "'#fff'"),
+        ({"background": "ffffff00"}, "PROXY_BACKGROUND", "'ffffff00'"),
+        ({"log_level": "verbose"}, "PROXY_LOG_LEVEL", "'verbose'"),
+        ({"lookup_ttl": "-1"}, "PROXY_LOOKUP_TTL", "'-1'"),
+        ({"s3_max_attempts": "0"}, "PROXY_S3_MAX_ATTEMPTS", "'0'"),
+        ({"max_source_mb": "0"}, "PROXY_MAX_SOURCE_MB", "'0'"),
+    ],
+)
+def test_invalid_value_message_names_it(settings_for, folder: str, variables: dict, variable: str, shown_value: str):
+    message = settings_error(settings_for, **{"storage": folder, **variables})
+
+    assert variable in message
+    assert shown_value in message
+
+
+def test_missing_folder_message_names_it(settings_for, tmp_path: Path):
+    missing = str(tmp_path / "no-such-folder")
+
+    message = settings_error(settings_for, storage=missing)
+
+    assert "PROXY_STORAGE" in message
+    assert missing in message
+    assert "not found" in message
+
+
+def test_prefix_conflict_message_names_both(settings_for, folder: str):
+    message = settings_error(settings_for, storage=folder, source_prefix="r/orig/")
+
+    assert "PROXY_SOURCE_PREFIX='r/orig/'" in message
+    assert "PROXY_VARIANT_PREFIX='r/'" in message
+
+
+def test_each_invalid_variable_is_listed(settings_for, folder: str):
+    message = settings_error(settings_for, storage=folder, widths="abc", formats="bmp", jpeg_quality="0")
+
+    assert "PROXY_WIDTHS='abc'" in message
+    assert "PROXY_FORMATS='bmp'" in message
+    assert "PROXY_JPEG_QUALITY='0'" in message
+    assert len(message.splitlines()) == 3
+
+
+def test_width_message_names_bad_item(settings_for, folder: str):
+    message = settings_error(settings_for, storage=folder, widths="360,0,720")
+
+    assert "width 0 is out of range" in message
+
+
+def test_settings_error_hides_validation_error(settings_for, folder: str):
+    # The message alone is for the operator, so the pydantic error is not chained.
+    with pytest.raises(SettingsError) as raised:
+        settings_for(storage=folder, widths="abc")
+
+    assert raised.value.__cause__ is None
+    assert raised.value.__suppress_context__
+
+
+def test_overrides_take_precedence(settings_for, folder: str, monkeypatch: pytest.MonkeyPatch):
+    settings_for(storage=folder)
+    monkeypatch.setenv("PROXY_WIDTHS", "abc")
+
+    settings = load_settings(widths=[100])
+
+    assert settings.widths == [100]
+
+
+# Valid but unusual values
+
+
+def test_empty_source_prefix_accepted(settings_for, folder: str):
+    settings = settings_for(storage=folder, source_prefix="", variant_prefix="r/")
+
+    assert settings.source_prefix == ""
+    assert settings.variant_prefix == "r/"
+
+
+def test_sibling_prefixes_accepted(settings_for, folder: str):
+    # `r2/` starts with the letter r but is not inside `r/`.
+    settings = settings_for(storage=folder, source_prefix="r2/", variant_prefix="r/")
+
+    assert settings.source_prefix == "r2/"
+
+
+def test_background_hash_and_case_normalized(settings_for, folder: str):
+    settings = settings_for(storage=folder, background="#FF8000")
+
+    assert settings.background == "ff8000"
+    assert settings.background_rgb == [255, 128, 0]
+
+
+# Secrets
+
+
+def test_event_token_not_in_repr(settings_for, folder: str):
+    settings = settings_for(storage=folder, event_token="s3cret-token-value")
+
+    assert "s3cret-token-value" not in repr(settings)
+    assert "s3cret-token-value" not in str(settings)
+    assert settings.event_token.get_secret_value() == "s3cret-token-value"
+
+
+# The command
+
+
+def test_serve_invalid_widths_exits_cleanly(tmp_path: Path):
+    env = {name: value for name, value in os.environ.items() if not name.startswith("PROXY_")}
+    env["PROXY_STORAGE"] = str(tmp_path)
+    env["PROXY_WIDTHS"] = "abc"
+
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "serve", "--host", "127.0.0.1", "--port", "0"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+    assert result.returncode != 0
+    assert "PROXY_WIDTHS" in result.stderr
+    assert "abc" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "serving" not in result.stderr
