@@ -10,26 +10,15 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import PlainTextResponse
 
 from .access_log import AccessLogMiddleware
-from .errors import Overloaded, ProxyError
+from .errors import Overloaded, ProxyError, Unauthorized
+from .event_endpoint import receive_events
 from .paths import parse_variant_path
 from .settings import Settings, load_settings
-from .store import LocalStore, S3Store, Store
+from .store import Store, open_store
+from .uploads import UploadHandler
 from .variants import Variant, VariantService
 
 logger = logging.getLogger(__name__)
-
-
-async def open_store(settings: Settings) -> Store:
-    """Open the store that PROXY_STORAGE names."""
-    if settings.bucket is not None:
-        return await S3Store.open(
-            settings.bucket,
-            connect_timeout=settings.s3_connect_timeout,
-            read_timeout=settings.s3_read_timeout,
-            max_attempts=settings.s3_max_attempts,
-            max_connections=max(10, settings.thread_count * 8),
-        )
-    return LocalStore(settings.storage)
 
 
 def create_app(settings: Settings | None = None, store: Store | None = None) -> FastAPI:
@@ -43,6 +32,9 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.store = store or await open_store(settings)
         app.state.variants = VariantService(app.state.store, settings)
+        app.state.uploads = UploadHandler(
+            app.state.store, settings, app.state.variants.executor, app.state.variants
+        )
         logger.info(
             "resize-proxy started store=%s widths=%s threads=%d",
             app.state.store.description,
@@ -69,6 +61,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
 
     app.add_api_route("/healthz", healthz, methods=["GET", "HEAD"])
     app.add_api_route("/readyz", readyz, methods=["GET", "HEAD"])
+    app.add_api_route("/events/s3", receive_events, methods=["POST"])
     app.add_api_route("/{path:path}", serve_variant, methods=["GET", "HEAD"])
     return app
 
@@ -142,4 +135,7 @@ async def _error_response(request: Request, error: Exception) -> Response:
     headers = {"Cache-Control": settings.error_cache_control}
     if isinstance(error, Overloaded):
         headers["Retry-After"] = str(error.retry_after)
+    if isinstance(error, Unauthorized):
+        headers["WWW-Authenticate"] = 'Bearer, Basic realm="resize-proxy events"'
+        headers["Cache-Control"] = "no-store"
     return PlainTextResponse(error.message + "\n", status_code=error.status, headers=headers)

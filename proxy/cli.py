@@ -3,6 +3,7 @@
 import argparse
 import asyncio
 import logging
+import logging.config
 import signal
 import sys
 from types import FrameType
@@ -11,9 +12,14 @@ from urllib.parse import quote
 
 import uvicorn
 
+from .backfill import BackfillReport, Progress, plan, run_backfill, summary_lines
+from .errors import ProxyError
+from .events import InvalidEvent
 from .paths import SOURCE_EXTENSIONS
 from .settings import Settings, SettingsError, load_settings
 from .store import LocalStore
+from .uploads import FAILED, Outcome, open_upload_handler
+from .worker import run_worker
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +53,119 @@ def _parser() -> argparse.ArgumentParser:
         help="worker processes, each with its own memory cache and threads (default: %(default)s)",
     )
     serve.set_defaults(run=_serve)
+
+    warm = commands.add_parser("warm", help="handle one S3, SNS, SQS or EventBridge event document")
+    warm.add_argument("document", metavar="EVENT.json|-", help="file with the event document, or - for standard input")
+    warm.set_defaults(run=_warm)
+
+    worker = commands.add_parser("worker", help="make and delete variants from S3 events queued in SQS")
+    worker.add_argument("--queue-url", required=True, help="URL of the SQS queue that receives the S3 events")
+    worker.add_argument(
+        "--concurrency",
+        type=int,
+        default=4,
+        help="messages handled at once (default: %(default)s)",
+    )
+    worker.add_argument(
+        "--wait-seconds",
+        type=int,
+        default=20,
+        choices=range(0, 21),
+        metavar="0-20",
+        help="long-poll wait of each receive, in seconds (default: %(default)s)",
+    )
+    worker.set_defaults(run=_worker)
+
+    backfill = commands.add_parser("backfill", help="make the missing variants of existing sources")
+    backfill.add_argument(
+        "--prefix",
+        default="",
+        help="only sources whose key, after the source prefix, starts with this (for example trips/2024/)",
+    )
+    backfill.add_argument("--dry-run", action="store_true", help="report what would be made, and write nothing")
+    backfill.add_argument("--force", action="store_true", help="make existing variants again too")
+    backfill.add_argument(
+        "--concurrency",
+        type=int,
+        default=0,
+        help="sources handled at once; 0 means the resize thread count (default: %(default)s)",
+    )
+    backfill.set_defaults(run=_backfill)
     return parser
+
+
+def _configure_logging(settings: Settings) -> None:
+    logging.config.dictConfig(log_config(settings.log_level))
+
+
+def _warm(args: argparse.Namespace, settings: Settings) -> int:
+    _configure_logging(settings)
+    try:
+        if args.document == "-":
+            document = sys.stdin.buffer.read()
+        else:
+            with open(args.document, "rb") as file:
+                document = file.read()
+    except OSError as error:
+        print(f"resize-proxy: reading {args.document} failed: {error.strerror}", file=sys.stderr)
+        return 2
+
+    async def run() -> list[Outcome]:
+        async with open_upload_handler(settings) as handler:
+            return await handler.handle_document(document)
+
+    try:
+        outcomes = asyncio.run(run())
+    except InvalidEvent as error:
+        print(f"resize-proxy: {args.document}: {error}", file=sys.stderr)
+        return 2
+    for outcome in outcomes:
+        detail = outcome.reason or f"{outcome.variants} variants"
+        print(f"{outcome.result}: {outcome.key}: {detail}")
+    failed = sum(1 for outcome in outcomes if outcome.result == FAILED)
+    print(f"{len(outcomes)} records, {failed} failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    _configure_logging(settings)
+    if args.concurrency < 1:
+        print("resize-proxy: --concurrency must be at least 1", file=sys.stderr)
+        return 2
+    asyncio.run(
+        run_worker(settings, args.queue_url, concurrency=args.concurrency, wait_seconds=args.wait_seconds)
+    )
+    return 0
+
+
+def _backfill(args: argparse.Namespace, settings: Settings) -> int:
+    _configure_logging(settings)
+    concurrency = args.concurrency or settings.thread_count
+    report = BackfillReport()
+
+    async def run() -> list[str]:
+        nonlocal report
+        async with open_upload_handler(settings) as handler:
+            jobs, report = await plan(handler, args.prefix, force=args.force)
+            if not args.dry_run:
+                progress = Progress(total=report.sources)
+                await run_backfill(handler, jobs, report, concurrency=concurrency, progress=progress)
+            return summary_lines(report, dry_run=args.dry_run, jobs=jobs)
+
+    try:
+        lines = asyncio.run(run())
+    except KeyboardInterrupt:
+        print(
+            f"\nresize-proxy: interrupted after {report.made} sources ({report.variants} variants); "
+            "run the same command again to make the rest",
+            file=sys.stderr,
+        )
+        return 130
+    except ProxyError as error:
+        print(f"resize-proxy: backfill failed: {error.message}", file=sys.stderr)
+        return 1
+    print("\n".join(lines))
+    return 1 if report.failures else 0
 
 
 class _Terminated(BaseException):

@@ -16,8 +16,16 @@ class ProxyError(Exception):
         self.message = message
 
 
-class InvalidPath(ProxyError):
+class InvalidRequest(ProxyError):
     status = 400
+
+
+class InvalidPath(InvalidRequest):
+    pass
+
+
+class Unauthorized(ProxyError):
+    status = 401
 
 
 class NotFound(ProxyError):
@@ -25,6 +33,12 @@ class NotFound(ProxyError):
 
 
 class SourceTooLarge(ProxyError):
+    status = 413
+
+
+class PayloadTooLarge(ProxyError):
+    """A request body over its limit; also 413, but about the request, not the source."""
+
     status = 413
 
 

@@ -77,6 +77,18 @@ def make_variant(data: bytes, width: int, output_format: str, settings: Settings
     A 5640×3172 JPEG at width 720 gives 720×405. A source narrower than `width`
     keeps its own size, because a variant is never enlarged.
     """
+    return make_variants(data, [(width, output_format)], settings)[0]
+
+
+def make_variants(
+    data: bytes, sizes: list[tuple[int, str]], settings: Settings
+) -> list[EncodedImage]:
+    """Make one variant per (width, output format) pair, decoding the source once.
+
+    The source is decoded with shrink-on-load at the largest width asked for, and
+    the smaller widths are resized from that decode. The results follow the order
+    of `sizes`.
+    """
     source_format, header = _open_header(data)
     # The header alone gives the size, so an oversized image is rejected before
     # any pixel is decoded.
@@ -87,16 +99,27 @@ def make_variant(data: bytes, width: int, output_format: str, settings: Settings
             f"{settings.max_pixels} (PROXY_MAX_PIXELS)"
         )
     try:
-        image = _thumbnail(data, width, source_format)
-        image = _to_srgb(image)
-        if output_format == "jpg":
-            image = _flatten(image, settings.background_rgb)
-        body = _encode(image, output_format, settings)
+        largest = _thumbnail(data, max(width for width, _ in sizes), source_format)
+        largest = _to_srgb(largest)
+        if len(sizes) > 1:
+            # A libvips pipeline can be read once; keeping the decoded pixels in
+            # memory lets every variant read them.
+            largest = largest.copy_memory()
+        return [_make_one(largest, width, output_format, settings) for width, output_format in sizes]
     except pyvips.Error as error:
         raise UndecodableSource(
             f"{source_format} source could not be decoded ({_first_line(error)}); "
             "check that the file is complete and upload it again"
         ) from None
+
+
+def _make_one(largest: pyvips.Image, width: int, output_format: str, settings: Settings) -> EncodedImage:
+    image = largest
+    if width < largest.width:
+        image = largest.thumbnail_image(width, height=UNBOUNDED_HEIGHT, size="down")
+    if output_format == "jpg":
+        image = _flatten(image, settings.background_rgb)
+    body = _encode(image, output_format, settings)
     return EncodedImage(body, CONTENT_TYPES[output_format], image.width, image.height)
 
 

@@ -42,7 +42,11 @@ class Settings(BaseSettings):
     formats: Annotated[list[str], NoDecode] = ["jpg", "webp"]
     source_prefix: str = "original/"
     variant_prefix: str = "r/"
+    # Bearer token that `POST /events/s3` requires; unset or empty turns it off.
     event_token: SecretStr | None = None
+    # Largest event document accepted, in bytes, and most records in one.
+    event_max_bytes: int = Field(1024 * 1024, ge=1024)
+    event_max_records: int = Field(100, ge=1)
 
     jpeg_quality: int = Field(90, ge=1, le=100)
     webp_quality: int = Field(80, ge=1, le=100)
@@ -75,6 +79,14 @@ class Settings(BaseSettings):
     s3_max_attempts: int = Field(3, ge=1, le=10)
 
     log_level: str = "INFO"
+
+    @field_validator("event_token", mode="before")
+    @classmethod
+    def _empty_token_is_unset(cls, value: Any) -> Any:
+        # An empty token would let any request with an empty password in.
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
 
     @field_validator("widths", "formats", mode="before")
     @classmethod

@@ -63,6 +63,12 @@ class VariantService:
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)
 
+    def forget(self, source_base: str, variant_keys: list[str]) -> None:
+        """Drop what is remembered of a source whose variants were made or deleted."""
+        self.source_keys.pop(source_base, None)
+        for key in variant_keys:
+            self.memory.pop(key, None)
+
     def cached(self, key: str) -> Variant | None:
         variant = self.memory.get(key)
         if variant is None:

@@ -7,7 +7,7 @@ from email.utils import format_datetime, parsedate_to_datetime
 import pytest
 from conftest import CountingStore, decode, make_image, running_app
 
-from proxy.app import open_store
+from proxy.store import open_store
 
 
 @pytest.fixture

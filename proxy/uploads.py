@@ -1,0 +1,247 @@
+"""Upload-event mode: make every variant of an uploaded source, delete them with it.
+
+Every entry point (the HTTP endpoint, `warm`, the SQS worker, the Lambda handler and
+`backfill`) goes through `UploadHandler`, and the pixels come from the same pipeline
+as on the HTTP path.
+"""
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from . import imaging
+from .errors import ProxyError, SourceTooLarge
+from .events import CREATED, REMOVED, ObjectEvent, parse_document
+from .paths import MAX_KEY_BYTES, SOURCE_EXTENSIONS
+from .settings import OUTPUT_FORMATS, Settings
+from .store import Store, open_store
+from .variants import VariantService
+
+logger = logging.getLogger(__name__)
+
+# Store requests that one source's variants may have in flight at once.
+MAX_PARALLEL_WRITES = 8
+
+MADE = "made"
+DELETED = "deleted"
+SKIPPED = "skipped"
+FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    key: str
+    # MADE, DELETED, SKIPPED or FAILED.
+    result: str
+    # Variants written or deleted.
+    variants: int = 0
+    # Why it was skipped or failed.
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Source:
+    """A source key split into the parts that name its variants."""
+
+    key: str
+    # The key less the source prefix and the extension: `trips/asia/img_01`.
+    stem_path: str
+
+    def variant_key(self, settings: Settings, width: int, output_format: str) -> str:
+        return f"{settings.variant_prefix}{self.stem_path}-{width}.{output_format}"
+
+
+def all_sizes(settings: Settings) -> list[tuple[int, str]]:
+    """Every (width, format) pair that upload-event mode makes, widest first."""
+    return [(width, fmt) for width in sorted(settings.widths, reverse=True) for fmt in settings.formats]
+
+
+def source_of(key: str, settings: Settings) -> Source | str:
+    """Split a source key, or return the reason it is not a source."""
+    if key.startswith(settings.variant_prefix):
+        return f"key is under the variant prefix {settings.variant_prefix!r}"
+    if not key.startswith(settings.source_prefix):
+        return f"key is outside the source prefix {settings.source_prefix!r}"
+    relative = key[len(settings.source_prefix) :]
+    stem_path, dot, extension = relative.rpartition(".")
+    if not dot or extension.lower() not in SOURCE_EXTENSIONS:
+        return f"extension of {relative!r} is not a supported image extension"
+    segments = stem_path.split("/")
+    if any(segment in ("", ".", "..") for segment in segments) or "\\" in key:
+        return "key has an empty, '.' or '..' segment or a backslash"
+    if not segments[-1] or segments[-1].startswith("."):
+        return "file name has no stem before its extension"
+    longest_variant = f"{settings.variant_prefix}{stem_path}-{max(settings.widths)}.webp"
+    if len(longest_variant.encode("utf-8")) > MAX_KEY_BYTES:
+        return f"variant keys would be over the S3 limit of {MAX_KEY_BYTES} bytes"
+    return Source(key=key, stem_path=stem_path)
+
+
+class UploadHandler:
+    """Make or delete the variants that object events call for.
+
+    `variants`, when given, is the HTTP service's VariantService, whose memory
+    cache and source lookups are updated as variants change.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        executor: Executor,
+        variants: VariantService | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.executor = executor
+        self.variants = variants
+
+    async def handle_document(self, document: Any) -> list[Outcome]:
+        """Handle every event in a document. Raises InvalidEvent for a non-event."""
+        return [await self.handle(event) for event in parse_document(document)]
+
+    async def handle(self, event: ObjectEvent) -> Outcome:
+        """Handle one event and log one line with its outcome. Never raises."""
+        started = time.perf_counter()
+        outcome = await self._handle(event)
+        duration_ms = (time.perf_counter() - started) * 1000
+        level = logging.WARNING if outcome.result == FAILED else logging.INFO
+        logger.log(
+            level,
+            "event %s bucket=%s key=%r result=%s variants=%d duration_ms=%.1f reason=%s",
+            event.name,
+            event.bucket,
+            event.key,
+            outcome.result,
+            outcome.variants,
+            duration_ms,
+            outcome.reason or "-",
+        )
+        return outcome
+
+    async def _handle(self, event: ObjectEvent) -> Outcome:
+        reason = self._skip_reason(event)
+        if reason:
+            return Outcome(event.key, SKIPPED, reason=reason)
+        source = source_of(event.key, self.settings)
+        if isinstance(source, str):
+            return Outcome(event.key, SKIPPED, reason=source)
+        if event.action == CREATED:
+            return await self.make(source)
+        return await self.delete(source)
+
+    def _skip_reason(self, event: ObjectEvent) -> str:
+        if event.action not in (CREATED, REMOVED):
+            return f"event {event.name} changes no image"
+        # Only the configured bucket is read or written, whatever the event names.
+        # A local folder store has no bucket, so the name is not checked there.
+        bucket = self.settings.bucket
+        if bucket is not None and event.bucket != bucket:
+            return f"bucket {event.bucket!r} is not the configured bucket {bucket!r}"
+        return ""
+
+    async def make(self, source: Source, sizes: list[tuple[int, str]] | None = None) -> Outcome:
+        """Make the variants of `source`: every width × format, or only `sizes`.
+
+        A failure becomes an Outcome with the reason; this never raises.
+        """
+        try:
+            return await self._make(source, sizes or all_sizes(self.settings))
+        except ProxyError as error:
+            return Outcome(source.key, FAILED, reason=error.message)
+        except Exception as error:
+            logger.exception("unexpected error making variants key=%r", source.key)
+            return Outcome(source.key, FAILED, reason=f"unexpected {type(error).__name__}")
+
+    async def _make(self, source: Source, sizes: list[tuple[int, str]]) -> Outcome:
+        stored = await self.store.get(source.key)
+        if stored is None:
+            # Deleted since the event was sent; its delete event follows.
+            return Outcome(source.key, SKIPPED, reason="source no longer exists")
+        max_bytes = self.settings.max_source_mb * 1024 * 1024
+        if len(stored.body) > max_bytes:
+            raise SourceTooLarge(
+                f"source is {len(stored.body)} bytes, over the limit of "
+                f"{self.settings.max_source_mb:g} MiB (PROXY_MAX_SOURCE_MB)"
+            )
+
+        loop = asyncio.get_running_loop()
+        images = await loop.run_in_executor(
+            self.executor, imaging.make_variants, stored.body, sizes, self.settings
+        )
+
+        keys = [source.variant_key(self.settings, width, fmt) for width, fmt in sizes]
+        writes = [
+            self.store.put(key, image.body, image.content_type, self.settings.cache_control)
+            for key, image in zip(keys, images, strict=True)
+        ]
+        await _gather_bounded(writes)
+        self._forget(source, keys)
+        return Outcome(source.key, MADE, variants=len(keys))
+
+    async def delete(self, source: Source) -> Outcome:
+        """Delete every stored variant of `source`, whatever its width or format.
+
+        A failure becomes an Outcome with the reason; this never raises.
+        """
+        try:
+            return await self._delete(source)
+        except ProxyError as error:
+            return Outcome(source.key, FAILED, reason=error.message)
+        except Exception as error:
+            logger.exception("unexpected error deleting variants key=%r", source.key)
+            return Outcome(source.key, FAILED, reason=f"unexpected {type(error).__name__}")
+
+    async def _delete(self, source: Source) -> Outcome:
+        keys = await self.existing_variant_keys(source)
+        await _gather_bounded([self.store.delete(key) for key in keys])
+        self._forget(source, keys)
+        return Outcome(source.key, DELETED, variants=len(keys))
+
+    async def existing_variant_keys(self, source: Source) -> list[str]:
+        prefix = f"{self.settings.variant_prefix}{source.stem_path}-"
+        # `img-800-360.jpg` belongs to the source `img-800`, not to `img`, so
+        # only a bare width and a format may follow the prefix.
+        pattern = re.compile(r"[0-9]+\.(?:" + "|".join(OUTPUT_FORMATS) + r")")
+        return [key for key in await self.store.list_keys(prefix) if pattern.fullmatch(key[len(prefix) :])]
+
+    def _forget(self, source: Source, keys: list[str]) -> None:
+        if self.variants is not None:
+            base = self.settings.source_prefix + source.stem_path
+            self.variants.forget(base, keys)
+
+
+async def _gather_bounded(operations: list[Any]) -> None:
+    """Await store operations, at most MAX_PARALLEL_WRITES at a time.
+
+    Every operation runs to its end even when one fails, so none is left running
+    unobserved. The first error is raised after all have ended.
+    """
+    semaphore = asyncio.Semaphore(MAX_PARALLEL_WRITES)
+
+    async def bounded(operation: Any) -> None:
+        async with semaphore:
+            await operation
+
+    results = await asyncio.gather(*(bounded(op) for op in operations), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+
+
+@contextlib.asynccontextmanager
+async def open_upload_handler(settings: Settings) -> AsyncIterator[UploadHandler]:
+    """Open the store and a resize thread pool for a command outside the HTTP service."""
+    store = await open_store(settings)
+    executor = ThreadPoolExecutor(max_workers=settings.thread_count, thread_name_prefix="resize")
+    try:
+        yield UploadHandler(store, settings, executor)
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+        await store.close()
