@@ -6,6 +6,7 @@ import logging
 import logging.config
 import signal
 import sys
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 from urllib.parse import quote
@@ -45,12 +46,14 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the HTTP service")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    serve.add_argument("--port", type=int, default=8080, help="TCP port to listen on (default: %(default)s)")
+    serve.add_argument(
+        "--port", type=_int_in_range(1, 65535), default=8080, help="TCP port to listen on, 1 to 65535 (default: %(default)s)"
+    )
     serve.add_argument(
         "--workers",
-        type=int,
+        type=_int_in_range(1),
         default=1,
-        help="worker processes, each with its own memory cache and threads (default: %(default)s)",
+        help="worker processes, at least 1, each with its own memory cache and threads (default: %(default)s)",
     )
     serve.set_defaults(run=_serve)
 
@@ -62,9 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--queue-url", required=True, help="URL of the SQS queue that receives the S3 events")
     worker.add_argument(
         "--concurrency",
-        type=int,
+        type=_int_in_range(1),
         default=4,
-        help="messages handled at once (default: %(default)s)",
+        help="messages handled at once, at least 1 (default: %(default)s)",
     )
     worker.add_argument(
         "--wait-seconds",
@@ -86,12 +89,28 @@ def _parser() -> argparse.ArgumentParser:
     backfill.add_argument("--force", action="store_true", help="make existing variants again too")
     backfill.add_argument(
         "--concurrency",
-        type=int,
+        type=_int_in_range(0),
         default=0,
         help="sources handled at once; 0 means the resize thread count (default: %(default)s)",
     )
     backfill.set_defaults(run=_backfill)
     return parser
+
+
+def _int_in_range(low: int, high: int | None = None) -> Callable[[str], int]:
+    """Make an argparse type that accepts whole numbers from `low` to `high`, or up from `low`."""
+    allowed = f"{low} to {high}" if high is not None else f"{low} or more"
+
+    def parse(text: str) -> int:
+        try:
+            number = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; use {allowed}") from None
+        if number < low or (high is not None and number > high):
+            raise argparse.ArgumentTypeError(f"{number} is out of range; use {allowed}")
+        return number
+
+    return parse
 
 
 def _configure_logging(settings: Settings) -> None:
@@ -129,9 +148,6 @@ def _warm(args: argparse.Namespace, settings: Settings) -> int:
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
     _configure_logging(settings)
-    if args.concurrency < 1:
-        print("resize-proxy: --concurrency must be at least 1", file=sys.stderr)
-        return 2
     asyncio.run(
         run_worker(settings, args.queue_url, concurrency=args.concurrency, wait_seconds=args.wait_seconds)
     )

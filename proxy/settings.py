@@ -5,8 +5,12 @@ validation failure into a `SettingsError` whose message names the variable, the
 bad value and what to set instead.
 """
 
+import difflib
+import logging
 import os
 import re
+import unicodedata
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -17,8 +21,20 @@ OUTPUT_FORMATS = ("jpg", "jpeg", "png", "webp", "avif")
 
 # S3 bucket names: 3 to 63 lowercase letters, digits, dots and hyphens.
 BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+# Four dot-separated numbers, like 192.168.5.4, which S3 rejects as a bucket name.
+IP_ADDRESS_FORM = re.compile(r"^[0-9]+(\.[0-9]+){3}$")
+# Beginnings that S3 reserves, from "General purpose bucket naming rules" in the
+# Amazon S3 user guide. Names ending in `-s3alias` or `--ol-s3` are reserved for
+# access point aliases, which S3 accepts in place of a bucket name, so they pass.
+RESERVED_BUCKET_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
+
+# S3 rejects keys over 1024 bytes of UTF-8, and so does the URL path check. Half
+# of that for a prefix leaves room for the folders and name that follow it.
+MAX_PREFIX_BYTES = 512
 
 ENV_PREFIX = "PROXY_"
+
+logger = logging.getLogger(__name__)
 
 
 class SettingsError(ValueError):
@@ -60,21 +76,27 @@ class Settings(BaseSettings):
     background: str = "ffffff"
 
     # Sources over either limit get 413. The pixel count is read from the header.
-    max_source_mb: float = Field(50.0, gt=0)
+    # 5 TiB, the largest S3 object, bounds the size so its byte count stays finite.
+    max_source_mb: float = Field(50.0, gt=0, le=5 * 1024 * 1024, allow_inf_nan=False)
     max_pixels: int = Field(100_000_000, ge=1)
 
     cache_control: str = "public, max-age=31536000, immutable"
     error_cache_control: str = "public, max-age=60"
 
-    # Upper bound of the memory cache, counted in variant bytes.
-    memory_cache_mb: float = Field(128, ge=0)
+    # Upper bound of the memory cache, counted in variant bytes. The limit of 1 PiB
+    # is far above any memory size and keeps the byte count a finite integer.
+    memory_cache_mb: float = Field(128, ge=0, le=1024**3, allow_inf_nan=False)
     # Seconds that a resolved source key, or the absence of a source, is remembered.
-    lookup_ttl: float = Field(60.0, ge=0)
+    lookup_ttl: float = Field(60.0, ge=0, allow_inf_nan=False)
     # Threads that decode and encode images; 0 means one per CPU core.
     resize_threads: int = Field(0, ge=0)
+    # Variants being made at once per process, running or waiting for a thread;
+    # a request past this gets 503 with Retry-After.
+    resize_queue: int = Field(32, ge=1)
 
-    s3_connect_timeout: float = Field(3.0, gt=0)
-    s3_read_timeout: float = Field(10.0, gt=0)
+    # Seconds. A request that has waited an hour is stuck, so longer is rejected.
+    s3_connect_timeout: float = Field(3.0, gt=0, le=3600, allow_inf_nan=False)
+    s3_read_timeout: float = Field(10.0, gt=0, le=3600, allow_inf_nan=False)
     # Attempts per S3 request, the first one included.
     s3_max_attempts: int = Field(3, ge=1, le=10)
 
@@ -118,16 +140,28 @@ class Settings(BaseSettings):
                 normalized.append(name)
         return normalized
 
+    @field_validator("cache_control", "error_cache_control")
+    @classmethod
+    def _check_cache_control(cls, value: str) -> str:
+        # h11 (0.16 here), one of uvicorn's two HTTP/1.1 implementations, rejects a
+        # header value with leading or trailing spaces, so they are stripped.
+        value = value.strip(" ")
+        if not value:
+            raise ValueError("empty; set a Cache-Control header value, for example public, max-age=60")
+        for position, char in enumerate(value):
+            if not " " <= char <= "~":
+                raise ValueError(
+                    f"character {char!r} at position {position} is not printable ASCII, so it cannot "
+                    "go in an HTTP header; use only ASCII letters, digits, spaces and punctuation"
+                )
+        return value
+
     @field_validator("storage")
     @classmethod
     def _check_storage(cls, storage: str) -> str:
         if storage.startswith("s3://"):
             bucket = storage.removeprefix("s3://").rstrip("/")
-            if not BUCKET_NAME.match(bucket):
-                raise ValueError(
-                    f"{bucket!r} is not a valid S3 bucket name; use s3://BUCKET with "
-                    "3 to 63 lowercase letters, digits, dots and hyphens"
-                )
+            _check_bucket_name(bucket)
             return f"s3://{bucket}"
         if not storage:
             raise ValueError("empty; set s3://BUCKET or a local folder")
@@ -146,6 +180,22 @@ class Settings(BaseSettings):
             raise ValueError(f"a key prefix must end with '/'; for example {prefix}/")
         if "//" in prefix or any(part in (".", "..") for part in prefix.split("/")):
             raise ValueError("a key prefix must not contain '//', '.' or '..' segments")
+        # The URL path check in proxy/paths.py rejects these in every request.
+        if "\\" in prefix:
+            raise ValueError("a key prefix must not contain a backslash; use '/' between folders")
+        for char in prefix:
+            category = unicodedata.category(char)
+            if category == "Cc":
+                raise ValueError(f"a key prefix must not contain the control character {char!r}")
+            if category == "Cs":
+                # os.environ turns bytes that are not UTF-8 into lone surrogates.
+                raise ValueError("a key prefix must be valid UTF-8")
+        size = len(prefix.encode("utf-8"))
+        if size > MAX_PREFIX_BYTES:
+            raise ValueError(
+                f"a key prefix must be at most {MAX_PREFIX_BYTES} bytes of UTF-8, so that the keys "
+                f"under it fit the S3 limit of 1024 bytes; this one is {size} bytes"
+            )
         return prefix
 
     @field_validator("variant_prefix")
@@ -197,11 +247,69 @@ class Settings(BaseSettings):
         return self.resize_threads or os.cpu_count() or 1
 
 
+def _check_bucket_name(bucket: str) -> None:
+    """Raise ValueError naming the S3 bucket naming rule that `bucket` breaks."""
+    if not BUCKET_NAME.match(bucket):
+        reason = (
+            "it must be 3 to 63 lowercase letters, digits, dots and hyphens, "
+            "starting and ending with a letter or digit"
+        )
+    elif ".." in bucket:
+        reason = "it must not contain two adjacent dots"
+    elif IP_ADDRESS_FORM.match(bucket):
+        reason = "it must not be formatted like an IP address"
+    elif bucket.startswith(RESERVED_BUCKET_PREFIXES):
+        reason = f"S3 reserves names starting with {', '.join(RESERVED_BUCKET_PREFIXES)}"
+    else:
+        return
+    raise ValueError(f"{bucket!r} is not a valid S3 bucket name, because {reason}; set s3://BUCKET with a valid name")
+
+
+def find_unknown_variables(environ: Mapping[str, str]) -> dict[str, str | None]:
+    """Map each `PROXY_*` variable that names no setting to the setting it most resembles.
+
+    The value is None where no setting name is close. Names are compared without
+    regard to case, as pydantic-settings reads them, and without the shared
+    `PROXY_` prefix, which would make every name look close.
+    """
+    known = [name.upper() for name in Settings.model_fields]
+    unknown: dict[str, str | None] = {}
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper.removeprefix(ENV_PREFIX) in known:
+            continue
+        matches = difflib.get_close_matches(upper.removeprefix(ENV_PREFIX), known, n=1)
+        unknown[name] = ENV_PREFIX + matches[0] if matches else None
+    return unknown
+
+
+# Unknown variables already warned about, so that each is logged once per process
+# although the CLI and then the app factory both load the settings.
+_warned_variables: set[str] = set()
+
+
+def _warn_unknown_variables() -> None:
+    for name, match in find_unknown_variables(os.environ).items():
+        if name in _warned_variables:
+            continue
+        _warned_variables.add(name)
+        if match:
+            logger.warning("unknown variable %s is ignored. Did you mean %s?", name, match)
+        else:
+            logger.warning(
+                "unknown variable %s is ignored, because no setting has that name. The README lists the settings",
+                name,
+            )
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Read settings from the environment, with `overrides` taking precedence.
 
-    Raises SettingsError naming each invalid variable and its value.
+    Logs a warning for each `PROXY_*` variable that names no setting, with the
+    setting it probably means. Raises SettingsError naming each invalid
+    variable and its value.
     """
+    _warn_unknown_variables()
     try:
         return Settings(**overrides)
     except ValidationError as error:

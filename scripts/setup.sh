@@ -27,12 +27,19 @@ install_debian_packages() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-# Make the virtual environment and install the project with the given extras,
-# again only when pyproject.toml changed since the last install.
+# Print the comma-separated extras of all arguments, sorted and without duplicates.
+merge_extras() {
+    printf '%s\n' "$@" | tr ',' '\n' | sed '/^$/d' | sort -u | paste -sd, -
+}
+
+# Make the virtual environment and install the project with the given
+# comma-separated extras. The stamp file records the pyproject.toml digest and the
+# extras installed. Nothing is installed when the digest is unchanged and those
+# extras include the requested ones, so after `install_project test` the call
+# `install_project ""` of scripts/serve installs nothing.
 install_project() {
-    local extras="${1:-}"
-    local target="$REPO"
-    [[ -n "$extras" ]] && target="$REPO[$extras]"
+    local extras
+    extras="$(merge_extras "${1:-}")"
     if [[ ! -x "$VENV/bin/python" ]]; then
         say "creating the virtual environment in $VENV"
         if ! "$PYTHON" -m venv "$VENV" 2>/dev/null; then
@@ -42,12 +49,21 @@ install_project() {
         fi
     fi
     local stamp="$VENV/.resize-proxy-installed"
-    local wanted
-    wanted="$(sha256sum "$REPO/pyproject.toml" | cut -d' ' -f1) $extras"
-    if [[ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]]; then
-        say "installing Python packages into $VENV"
-        "$VENV/bin/python" -m pip install --quiet --upgrade pip
-        "$VENV/bin/python" -m pip install --quiet --editable "$target"
-        printf '%s' "$wanted" > "$stamp"
+    local digest installed_digest="" installed_extras=""
+    digest="$(sha256sum "$REPO/pyproject.toml" | cut -d' ' -f1)"
+    if [[ -f "$stamp" ]]; then
+        { read -r installed_digest && read -r installed_extras; } < "$stamp" || true
     fi
+    if [[ "$installed_digest" == "$digest" ]]; then
+        installed_extras="$(merge_extras "$installed_extras")"
+        [[ "$(merge_extras "$installed_extras" "$extras")" == "$installed_extras" ]] && return 0
+        # Keep the extras already installed, so the next caller does not reinstall them.
+        extras="$(merge_extras "$installed_extras" "$extras")"
+    fi
+    local target="$REPO"
+    [[ -n "$extras" ]] && target="$REPO[$extras]"
+    say "installing Python packages${extras:+ with extras $extras} into $VENV"
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip
+    "$VENV/bin/python" -m pip install --quiet --editable "$target"
+    printf '%s\n%s\n' "$digest" "$extras" > "$stamp"
 }

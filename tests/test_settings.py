@@ -1,13 +1,18 @@
 """load_settings: PROXY_* environment variables, their defaults and their error messages."""
 
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
-from proxy.settings import SettingsError, load_settings
+from proxy import settings as settings_module
+from proxy.errors import InvalidPath
+from proxy.paths import parse_variant_path
+from proxy.settings import SettingsError, find_unknown_variables, load_settings
 
 
 @pytest.fixture
@@ -142,6 +147,10 @@ def test_formats_jpeg_becomes_jpg(settings_for, folder: str):
         ({"lookup_ttl": "-1"}, "PROXY_LOOKUP_TTL", "'-1'"),
         ({"s3_max_attempts": "0"}, "PROXY_S3_MAX_ATTEMPTS", "'0'"),
         ({"max_source_mb": "0"}, "PROXY_MAX_SOURCE_MB", "'0'"),
+        ({"max_source_mb": "1e308"}, "PROXY_MAX_SOURCE_MB", "'1e308'"),
+        ({"memory_cache_mb": "1e308"}, "PROXY_MEMORY_CACHE_MB", "'1e308'"),
+        ({"s3_connect_timeout": "3601"}, "PROXY_S3_CONNECT_TIMEOUT", "'3601'"),
+        ({"s3_read_timeout": "1e9"}, "PROXY_S3_READ_TIMEOUT", "'1e9'"),
     ],
 )
 def test_invalid_value_message_names_it(settings_for, folder: str, variables: dict, variable: str, shown_value: str):
@@ -149,6 +158,132 @@ def test_invalid_value_message_names_it(settings_for, folder: str, variables: di
 
     assert variable in message
     assert shown_value in message
+
+
+FLOAT_SETTINGS = ["memory_cache_mb", "lookup_ttl", "max_source_mb", "s3_connect_timeout", "s3_read_timeout"]
+
+
+@pytest.mark.parametrize("name", FLOAT_SETTINGS)
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "Infinity", "1e400"])
+def test_float_rejects_non_finite(settings_for, folder: str, name: str, value: str):
+    message = settings_error(settings_for, **{"storage": folder, name: value})
+
+    assert f"PROXY_{name.upper()}={value!r}" in message
+    assert "finite number" in message
+
+
+def test_timeouts_accept_one_hour(settings_for, folder: str):
+    settings = settings_for(storage=folder, s3_connect_timeout="3600", s3_read_timeout="0.5")
+
+    assert settings.s3_connect_timeout == 3600
+    assert settings.s3_read_timeout == 0.5
+
+
+@pytest.mark.parametrize("name", ["cache_control", "error_cache_control"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "public, max-age=60 \u20ac",
+        "public\r\nSet-Cookie: a=b",
+        "public, max-age=60\n",
+        "public,\tmax-age=60",
+        "public\x1b",
+        "public\x7f",
+        "",
+        "   ",
+    ],
+)
+def test_cache_control_rejects_unsafe_value(settings_for, folder: str, name: str, value: str):
+    message = settings_error(settings_for, **{"storage": folder, name: value})
+
+    assert f"PROXY_{name.upper()}={value!r}" in message
+    assert "\n" not in message
+    assert "\r" not in message
+
+
+def test_cache_control_message_names_character(settings_for, folder: str):
+    message = settings_error(settings_for, storage=folder, cache_control="public, max-age=60 \u20ac")
+
+    assert "'\u20ac' at position 19" in message
+    assert "printable ASCII" in message
+
+
+def test_cache_control_spaces_trimmed(settings_for, folder: str):
+    settings = settings_for(storage=folder, cache_control=" no-store ", error_cache_control="no-cache ")
+
+    assert settings.cache_control == "no-store"
+    assert settings.error_cache_control == "no-cache"
+
+
+# Key prefixes that every request URL would fail on, so they fail at start-up.
+UNREACHABLE_PREFIXES = [
+    "a\\b/",
+    "r\\/",
+    "r\x07/",
+    "r\t/",
+    "r\x7f/",
+    "r\x85/",
+    "r\udcff/",
+    "a" * 1100 + "/",
+]
+
+
+@pytest.mark.parametrize("name", ["source_prefix", "variant_prefix"])
+@pytest.mark.parametrize("prefix", [*UNREACHABLE_PREFIXES, "a" * 512 + "/"])
+def test_prefix_rejects_unreachable_key(settings_for, folder: str, name: str, prefix: str):
+    message = settings_error(settings_for, **{"storage": folder, name: prefix})
+
+    assert f"PROXY_{name.upper()}=" in message
+    assert repr(prefix) in message
+    assert "a key prefix must" in message
+
+
+@pytest.mark.parametrize("prefix", UNREACHABLE_PREFIXES)
+def test_rejected_prefix_fails_path_check(settings_for, folder: str, prefix: str):
+    # The URL path check agrees: a variant URL under this prefix would be 400.
+    settings = settings_for(storage=folder)
+    raw_path = "/" + prefix + "photo-720.jpg"
+
+    with pytest.raises(InvalidPath):
+        parse_variant_path(raw_path.encode("utf-8", "surrogateescape"), settings)
+
+
+@pytest.mark.parametrize("prefix", ["r/", "r 1/", "caf\u00e9/2024/", "a%b/", "a" * 511 + "/"])
+def test_accepted_prefix_passes_path_check(settings_for, folder: str, prefix: str):
+    settings = settings_for(storage=folder, variant_prefix=prefix)
+    raw_path = "/" + prefix + "photo-720.jpg"
+
+    request = parse_variant_path(raw_path.encode("utf-8"), settings)
+
+    assert request.key == prefix + "photo-720.jpg"
+    assert request.width == 720
+
+
+@pytest.mark.parametrize(
+    ("bucket", "rule"),
+    [
+        ("my..bucket", "two adjacent dots"),
+        ("192.168.5.4", "IP address"),
+        ("10.0.0.300", "IP address"),
+        ("xn--photos", "xn--"),
+        ("sthree-photos", "sthree-"),
+        ("amzn-s3-demo-photos", "amzn-s3-demo-"),
+        ("Photos", "lowercase"),
+        ("-photos", "starting and ending"),
+        ("a" * 64, "3 to 63"),
+    ],
+)
+def test_bucket_name_rule_violations(settings_for, bucket: str, rule: str):
+    message = settings_error(settings_for, storage=f"s3://{bucket}")
+
+    assert f"PROXY_STORAGE='s3://{bucket}'" in message
+    assert "not a valid S3 bucket name" in message
+    assert rule in message
+
+
+@pytest.mark.parametrize("bucket", ["my.bucket.1", "192.168.5", "photos-xn--1", "photos-s3alias", "photos--ol-s3", "a" * 63])
+def test_bucket_name_unusual_but_valid(settings_for, bucket: str):
+    assert settings_for(storage=f"s3://{bucket}").bucket == bucket
 
 
 def test_missing_folder_message_names_it(settings_for, tmp_path: Path):
@@ -225,6 +360,63 @@ def test_background_hash_and_case_normalized(settings_for, folder: str):
     assert settings.background_rgb == [255, 128, 0]
 
 
+# Unknown PROXY_* variables
+
+
+def test_unknown_variable_suggests_setting():
+    unknown = find_unknown_variables({"PROXY_WIDHTS": "720", "PROXY_S3_CONECT_TIMEOUT": "5"})
+
+    assert unknown["PROXY_WIDHTS"] == "PROXY_WIDTHS"
+    assert unknown["PROXY_S3_CONECT_TIMEOUT"] == "PROXY_S3_CONNECT_TIMEOUT"
+
+
+def test_unknown_variable_without_close_match():
+    # Compared with the prefix, PROXY_FOO would look close to PROXY_FORMATS.
+    assert find_unknown_variables({"PROXY_FOO": "1"}) == {"PROXY_FOO": None}
+
+
+def test_unknown_variable_skips_known_and_other():
+    environ = {"PROXY_WIDTHS": "720", "proxy_formats": "jpg", "HOME": "/root", "RESIZE_PROXY_VENV": "/tmp/venv"}
+
+    assert find_unknown_variables(environ) == {}
+
+
+@pytest.fixture
+def fresh_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forget the unknown variables that this process has warned about already."""
+    monkeypatch.setattr(settings_module, "_warned_variables", set())
+
+
+def test_unknown_variable_logged_at_load(settings_for, folder: str, fresh_warnings, caplog: pytest.LogCaptureFixture):
+    with caplog.at_level(logging.WARNING, logger="proxy.settings"):
+        settings = settings_for(storage=folder, widhts="720")
+
+    assert settings.widths == [360, 720, 1200, 2200]
+    assert len(caplog.records) == 1
+    assert caplog.records[0].levelno == logging.WARNING
+    assert "PROXY_WIDHTS" in caplog.messages[0]
+    assert "Did you mean PROXY_WIDTHS?" in caplog.messages[0]
+
+
+def test_unknown_variable_logged_once(settings_for, folder: str, fresh_warnings, caplog: pytest.LogCaptureFixture):
+    with caplog.at_level(logging.WARNING, logger="proxy.settings"):
+        settings_for(storage=folder, widhts="720")
+        load_settings()
+
+    assert len(caplog.records) == 1
+
+
+def test_unknown_variable_logged_before_error(
+    settings_for, folder: str, fresh_warnings, caplog: pytest.LogCaptureFixture
+):
+    # A misspelled name is often why another setting is invalid or missing.
+    with caplog.at_level(logging.WARNING, logger="proxy.settings"):
+        message = settings_error(settings_for, storage=folder, widths="abc", formts="png")
+
+    assert "PROXY_WIDTHS='abc'" in message
+    assert "Did you mean PROXY_FORMATS?" in caplog.text
+
+
 # Secrets
 
 
@@ -245,7 +437,7 @@ def test_serve_invalid_widths_exits_cleanly(tmp_path: Path):
     env["PROXY_WIDTHS"] = "abc"
 
     result = subprocess.run(
-        [sys.executable, "-m", "proxy", "serve", "--host", "127.0.0.1", "--port", "0"],
+        [sys.executable, "-m", "proxy", "serve", "--host", "127.0.0.1", "--port", str(free_port())],
         cwd=tmp_path,
         env=env,
         capture_output=True,
