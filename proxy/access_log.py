@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 
@@ -12,6 +13,8 @@ logger = logging.getLogger(__name__)
 # An incoming request id is kept, so a line can be matched with the edge cache's
 # log, if it is short and printable.
 MAX_REQUEST_ID_LENGTH = 64
+# Letters, digits and `._:-` only, so an id cannot add fields to a log line.
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]+")
 
 INTERNAL_ERROR_TEXT = b"internal error; the proxy logged the details\n"
 INTERNAL_ERROR_START: Message = {
@@ -48,20 +51,21 @@ class AccessLogMiddleware:
         started = time.perf_counter()
         status = 500
 
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
-            await send(message)
-
         response_started = False
 
         async def send_tracked(message: Message) -> None:
-            nonlocal response_started
-            response_started = True
-            await send_with_id(message)
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                # Marked before sending: if the server rejects the message (an
+                # invalid header value, say), a second start would fail too.
+                response_started = True
+                await send(message)
+                # Recorded only once the server accepted the start, so the log
+                # never shows a status that the client did not get.
+                status = message["status"]
+                return
+            await send(message)
 
         try:
             await self.app(scope, receive, send_tracked)
@@ -97,7 +101,7 @@ def _request_id(scope: Scope) -> str:
     for name, value in scope["headers"]:
         if name == b"x-request-id":
             text = value.decode("latin-1")
-            if 0 < len(text) <= MAX_REQUEST_ID_LENGTH and text.isprintable():
+            if 0 < len(text) <= MAX_REQUEST_ID_LENGTH and REQUEST_ID.fullmatch(text):
                 return text
             break
     return uuid.uuid4().hex

@@ -3,10 +3,12 @@
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from email.utils import format_datetime
+from datetime import datetime, timezone
+from email.utils import format_datetime, parsedate_to_datetime
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import PlainTextResponse
 
 from .access_log import AccessLogMiddleware
@@ -58,6 +60,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.state.settings = settings
     app.add_middleware(AccessLogMiddleware)
     app.add_exception_handler(ProxyError, _error_response)
+    app.add_exception_handler(StarletteHTTPException, _routing_error_response)
 
     app.add_api_route("/healthz", healthz, methods=["GET", "HEAD"])
     app.add_api_route("/readyz", readyz, methods=["GET", "HEAD"])
@@ -82,24 +85,39 @@ async def serve_variant(request: Request) -> Response:
     raw_path = request.scope.get("raw_path") or quote(request.scope["path"]).encode()
     variant_request = parse_variant_path(raw_path, settings)
 
-    # When If-None-Match matches the stored ETag, the proxy returns 304 without
-    # fetching or making the image. The client's conditional headers never go to
+    # A conditional request that matches the stored variant gets 304 without the
+    # image being fetched or made. The client's conditional headers never go to
     # the store, because the store must return the full object.
-    if_none_match = request.headers.get("if-none-match")
+    conditional = request.headers.get("if-none-match") or request.headers.get("if-modified-since")
     variant = variants.cached(variant_request.key)
-    if variant is None and if_none_match:
+    if variant is None and conditional:
         info = await variants.store.head(variant_request.key)
-        if info is not None and _etag_matches(if_none_match, info.etag):
+        if info is not None and _not_modified_since(request, info.etag, info.last_modified):
             request.state.layer = "store"
-            return _not_modified(info.etag, settings)
+            return _not_modified(info.etag, info.last_modified, settings)
 
     if variant is None:
         variant = await variants.get(variant_request)
     request.state.layer = variant.layer
 
-    if if_none_match and _etag_matches(if_none_match, variant.etag):
-        return _not_modified(variant.etag, settings)
+    if conditional and _not_modified_since(request, variant.etag, variant.last_modified):
+        return _not_modified(variant.etag, variant.last_modified, settings)
     return _variant_response(variant, settings, head=request.method == "HEAD")
+
+
+def _not_modified_since(request: Request, etag: str, last_modified: datetime) -> bool:
+    """Evaluate If-None-Match, or If-Modified-Since without it, as RFC 9110 orders them."""
+    if_none_match = request.headers.get("if-none-match")
+    if if_none_match:
+        return _etag_matches(if_none_match, etag)
+    try:
+        since = parsedate_to_datetime(request.headers.get("if-modified-since", ""))
+    except (TypeError, ValueError):
+        # An invalid date is ignored, as RFC 9110 requires.
+        return False
+    if since.tzinfo is None:
+        since = since.replace(tzinfo=timezone.utc)
+    return last_modified <= since
 
 
 def _variant_response(variant: Variant, settings: Settings, *, head: bool) -> Response:
@@ -116,8 +134,13 @@ def _variant_response(variant: Variant, settings: Settings, *, head: bool) -> Re
     )
 
 
-def _not_modified(etag: str, settings: Settings) -> Response:
-    return Response(status_code=304, headers={"ETag": etag, "Cache-Control": settings.cache_control})
+def _not_modified(etag: str, last_modified: datetime, settings: Settings) -> Response:
+    headers = {
+        "ETag": etag,
+        "Last-Modified": format_datetime(last_modified, usegmt=True),
+        "Cache-Control": settings.cache_control,
+    }
+    return Response(status_code=304, headers=headers)
 
 
 def _etag_matches(if_none_match: str, etag: str) -> bool:
@@ -139,3 +162,21 @@ async def _error_response(request: Request, error: Exception) -> Response:
         headers["WWW-Authenticate"] = 'Bearer, Basic realm="resize-proxy events"'
         headers["Cache-Control"] = "no-store"
     return PlainTextResponse(error.message + "\n", status_code=error.status, headers=headers)
+
+
+async def _routing_error_response(request: Request, error: Exception) -> Response:
+    """Give router errors (405, and 404 for paths no route matches) the plain-text form."""
+    assert isinstance(error, StarletteHTTPException)
+    if error.status_code == 404:
+        # The catch-all route does not match a path with a newline, so such a
+        # path ends here; parsing it gives the precise 400 or 404.
+        raw_path = request.scope.get("raw_path") or quote(request.scope["path"]).encode()
+        try:
+            parse_variant_path(raw_path, request.app.state.settings)
+        except ProxyError as proxy_error:
+            return await _error_response(request, proxy_error)
+    message = {405: "method not allowed; use GET or HEAD"}.get(error.status_code, error.detail)
+    settings: Settings = request.app.state.settings
+    request.state.error = message
+    headers = {"Cache-Control": settings.error_cache_control, **(error.headers or {})}
+    return PlainTextResponse(f"{message}\n", status_code=error.status_code, headers=headers)

@@ -34,6 +34,23 @@ CONTENT_TYPES = {
     "avif": "image/avif",
 }
 
+# File signatures of the source formats, to tell a damaged image (422) from a file
+# that is not an image at all (415) when libvips cannot read the header.
+SIGNATURES = (
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"GIF87a", "gif"),
+    (b"GIF89a", "gif"),
+    (b"II*\x00", "tiff"),
+    (b"MM\x00*", "tiff"),
+)
+HEIF_BRANDS = (b"avif", b"avis", b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
+
+# Largest side, in pixels, that each encoder writes with the libvips 8.18.7 of
+# pyvips-binary: WebP and AVIF past these failed with "image too large" when
+# tried, libjpeg reports 65500 as its maximum, and 10,000,000 is libvips' own cap.
+MAX_OUTPUT_SIDE = {"jpg": 65500, "webp": 16383, "avif": 16384, "png": 10_000_000}
+
 # `thumbnail` fits a box, so an unreachable height makes the width the only limit.
 # libvips caps coordinates at 10,000,000.
 UNBOUNDED_HEIGHT = 10_000_000
@@ -60,7 +77,15 @@ def _open_header(data: bytes) -> tuple[str, pyvips.Image]:
     try:
         header = pyvips.Image.new_from_buffer(data, "")
         loader = header.get("vips-loader")
-    except pyvips.Error:
+    except pyvips.Error as error:
+        # A known signature whose header cannot be read is a damaged or cut
+        # file; anything else is not an image this service reads.
+        signature = _signature_format(data)
+        if signature is not None:
+            raise UndecodableSource(
+                f"{signature} source could not be decoded ({_first_line(error)}); "
+                "check that the file is complete and upload it again"
+            ) from None
         raise UnsupportedFormat(
             "source is not an image in a supported format (JPEG, PNG, WebP, GIF, TIFF, "
             "AVIF or SVG); upload it in one of them"
@@ -69,6 +94,34 @@ def _open_header(data: bytes) -> tuple[str, pyvips.Image]:
     if source_format is None:
         raise UnsupportedFormat(f"source format {loader.removesuffix('load_buffer')!r} is not supported")
     return source_format, header
+
+
+def _signature_format(data: bytes) -> str | None:
+    """Name the format that the first bytes of `data` announce, if any."""
+    for signature, name in SIGNATURES:
+        if data.startswith(signature):
+            return name
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data[4:8] == b"ftyp" and data[8:12] in HEIF_BRANDS:
+        return "heif"
+    return None
+
+
+def _check_output_size(header: pyvips.Image, width: int, output_format: str) -> None:
+    """Reject a variant whose sides would exceed what its encoder can write."""
+    source_width, source_height = header.width, header.height
+    # EXIF orientations 5 to 8 turn the image by 90 degrees.
+    if header.get_typeof("orientation") != 0 and header.get("orientation") in (5, 6, 7, 8):
+        source_width, source_height = source_height, source_width
+    output_width = min(width, source_width)
+    output_height = max(1, round(source_height * output_width / source_width))
+    limit = MAX_OUTPUT_SIDE[output_format]
+    if max(output_width, output_height) > limit:
+        raise UndecodableSource(
+            f"the {output_width}×{output_height} variant is over the {limit}-pixel side "
+            f"limit of {output_format}; request jpg or png for this source"
+        )
 
 
 def make_variant(data: bytes, width: int, output_format: str, settings: Settings) -> EncodedImage:
@@ -98,6 +151,8 @@ def make_variants(
             f"source is {header.width}×{header.height} pixels, over the limit of "
             f"{settings.max_pixels} (PROXY_MAX_PIXELS)"
         )
+    for width, output_format in sizes:
+        _check_output_size(header, width, output_format)
     try:
         largest = _thumbnail(data, max(width for width, _ in sizes), source_format)
         largest = _to_srgb(largest)
@@ -125,9 +180,11 @@ def _make_one(largest: pyvips.Image, width: int, output_format: str, settings: S
 
 def _thumbnail(data: bytes, width: int, source_format: str) -> pyvips.Image:
     # Shrink-on-load decodes a JPEG at 1/2, 1/4 or 1/8 scale when that is enough.
-    # `fail_on=truncated` goes in the option string: as a keyword argument it did
-    # not reject a truncated JPEG with libvips 8.18.7.
-    options = "fail_on=truncated" if source_format != "svg" else ""
+    # `fail_on` goes in the option string: as a keyword argument it did not reject
+    # a truncated JPEG with libvips 8.18.7. "error" also rejects a TIFF whose strips
+    # are cut off, which "truncated" let through as black rows. "warning" is not
+    # used, because it would also reject JPEGs with harmless warnings.
+    options = "fail_on=error" if source_format != "svg" else ""
     return pyvips.Image.thumbnail_buffer(
         data,
         width,

@@ -103,6 +103,8 @@ def _decode_key(raw_path: bytes) -> str:
     if not decoded.startswith(b"/"):
         raise InvalidPath("path must start with '/'")
     key_bytes = decoded[1:]
+    if not key_bytes:
+        raise NotFound("no variant here; variant URLs look like /r/<folders>/<name>-<width>.<ext>")
     if len(key_bytes) > MAX_KEY_BYTES:
         raise InvalidPath(
             f"key is {len(key_bytes)} bytes, over the S3 limit of {MAX_KEY_BYTES}; shorten it"

@@ -2,7 +2,7 @@
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -11,11 +11,11 @@ from typing import TypeVar
 from cachetools import LRUCache, TTLCache
 
 from . import imaging
-from .errors import NotFound, SourceTooLarge
+from .errors import NotFound, Overloaded, SourceTooLarge
 from .paths import SOURCE_EXTENSIONS, VariantRequest
 from .settings import Settings
 from .store import Store, StoredObject
-from .store.base import md5_etag
+from .store.base import ObjectTooLarge, md5_etag
 
 logger = logging.getLogger(__name__)
 
@@ -23,9 +23,6 @@ T = TypeVar("T")
 
 # Bytes counted for a memory cache entry besides its body.
 ENTRY_OVERHEAD = 512
-
-# Marks a source key that was looked up and not found.
-MISSING = ""
 
 
 @dataclass(frozen=True)
@@ -53,12 +50,18 @@ class VariantService:
             maxsize=int(settings.memory_cache_mb * 1024 * 1024),
             getsizeof=lambda variant: len(variant.body) + ENTRY_OVERHEAD,
         )
-        # Source base (key without extension) to the key found, or MISSING.
-        self.source_keys: TTLCache[str, str] = TTLCache(maxsize=100_000, ttl=settings.lookup_ttl or 1e-9)
+        # Source base (key without extension) to the source keys a listing found;
+        # an empty tuple records that there was none.
+        self.source_keys: TTLCache[str, tuple[str, ...]] = TTLCache(
+            maxsize=100_000, ttl=settings.lookup_ttl or 1e-9
+        )
         self.executor = ThreadPoolExecutor(
             max_workers=settings.thread_count, thread_name_prefix="resize"
         )
-        self._in_flight: dict[str, asyncio.Future[Variant]] = {}
+        self._variant_flights: dict[str, asyncio.Future[Variant]] = {}
+        self._source_flights: dict[str, asyncio.Future[StoredObject]] = {}
+        # Generations admitted and not yet finished, at most PROXY_RESIZE_QUEUE.
+        self._generations = 0
 
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)
@@ -78,50 +81,38 @@ class VariantService:
     async def get(self, request: VariantRequest) -> Variant:
         """Return the variant, making and storing it if the store lacks it.
 
-        Raises NotFound when the source is missing, and the pipeline's and the
-        store's errors otherwise.
+        Raises NotFound when the source is missing, Overloaded when too many
+        variants are being made, and the pipeline's and the store's errors otherwise.
         """
         variant = self.cached(request.key)
         if variant is not None:
             return variant
-        return await self._single_flight(request.key, lambda: self._load_or_make(request))
-
-    async def _single_flight(self, key: str, work: Callable[[], Awaitable[Variant]]) -> Variant:
-        # The work runs in a task of its own, so a client that disconnects
-        # cancels only its own wait, never the result that others wait for.
-        task = self._in_flight.get(key)
-        if task is None:
-            task = asyncio.ensure_future(work())
-            self._in_flight[key] = task
-            task.add_done_callback(lambda done: self._finish_flight(key, done))
-        return await asyncio.shield(task)
-
-    def _finish_flight(self, key: str, task: "asyncio.Future[Variant]") -> None:
-        del self._in_flight[key]
-        # Marks a failure as retrieved even when every waiter has gone, so asyncio
-        # does not report it as never retrieved.
-        if not task.cancelled():
-            task.exception()
+        return await _single_flight(self._variant_flights, request.key, lambda: self._load_or_make(request))
 
     async def _load_or_make(self, request: VariantRequest) -> Variant:
         stored = await self.store.get(request.key)
         if stored is not None:
             return self._remember(stored, "store")
 
-        source = await self._fetch_source(request)
-        max_bytes = self.settings.max_source_mb * 1024 * 1024
-        if len(source.body) > max_bytes:
-            raise SourceTooLarge(
-                f"source {source.key} is {len(source.body)} bytes, over the limit of "
-                f"{self.settings.max_source_mb:g} MiB (PROXY_MAX_SOURCE_MB)"
+        # Each admitted generation may hold a source and its decoded pixels, so
+        # their number is bounded instead of queueing without limit.
+        if self._generations >= self.settings.resize_queue:
+            raise Overloaded(
+                f"{self._generations} variants are being made, the limit of "
+                "PROXY_RESIZE_QUEUE; try again in a second"
             )
-        encoded = await self._run_in_pool(
-            imaging.make_variant, source.body, request.width, request.format, self.settings
-        )
+        self._generations += 1
+        try:
+            source = await self._fetch_source(request)
+            encoded = await self._run_in_pool(
+                imaging.make_variant, source.body, request.width, request.format, self.settings
+            )
+            stored = await self.store.put(
+                request.key, encoded.body, encoded.content_type, self.settings.cache_control
+            )
+        finally:
+            self._generations -= 1
 
-        stored = await self.store.put(
-            request.key, encoded.body, encoded.content_type, self.settings.cache_control
-        )
         logger.info(
             "variant made key=%s source=%s width=%d height=%d bytes=%d",
             request.key, source.key, encoded.width, encoded.height, len(encoded.body),
@@ -129,40 +120,40 @@ class VariantService:
         return self._remember(stored, "generated")
 
     async def _fetch_source(self, request: VariantRequest) -> StoredObject:
-        """Fetch the source, trying the variant's extension before a lookup."""
+        """Fetch the source once for concurrent variants that share it."""
+        flight_key = f"{request.source_base}.{request.ext}"
+        return await _single_flight(self._source_flights, flight_key, lambda: self._fetch_source_once(request))
+
+    async def _fetch_source_once(self, request: VariantRequest) -> StoredObject:
         base = request.source_base
-        known = self.source_keys.get(base)
-        if known == MISSING:
-            raise NotFound(f"source {base}.* not found")
+        candidates = self.source_keys.get(base)
+        if candidates is None:
+            # A source with the variant's own extension wins, so trying it first
+            # saves the listing whenever the names match.
+            source = await self._get_source(f"{base}.{request.ext}")
+            if source is not None:
+                return source
+            candidates = tuple(await self.store.list_keys(base + "."))
+            self.source_keys[base] = candidates
 
-        first_key = known or f"{base}.{request.ext}"
-        source = await self.store.get(first_key)
-        if source is not None:
-            self.source_keys[base] = first_key
-            return source
-
-        # The remembered key may have been deleted or replaced by another extension.
-        found_key = await self._find_source_key(base)
-        if found_key is not None and found_key != first_key:
-            source = await self.store.get(found_key)
+        key = choose_source(candidates, base, request.ext)
+        source = await self._get_source(key) if key is not None else None
         if source is None:
-            self.source_keys[base] = MISSING
-            raise NotFound(f"source {base}.* not found")
-        self.source_keys[base] = found_key
+            # Listed but deleted since: look again on the next request.
+            if key is not None:
+                self.source_keys.pop(base, None)
+            raise NotFound(f"source {_show(base)}.* not found")
         return source
 
-    async def _find_source_key(self, base: str) -> str | None:
-        """Find `<base>.<ext>` with any supported extension in any letter case."""
-        prefix = base + "."
-        candidates = {}
-        for key in await self.store.list_keys(prefix):
-            extension = key[len(prefix) :].lower()
-            if extension in SOURCE_EXTENSIONS:
-                candidates.setdefault(extension, key)
-        for extension in SOURCE_EXTENSIONS:
-            if extension in candidates:
-                return candidates[extension]
-        return None
+    async def _get_source(self, key: str) -> StoredObject | None:
+        max_bytes = int(self.settings.max_source_mb * 1024 * 1024)
+        try:
+            return await self.store.get(key, max_bytes=max_bytes)
+        except ObjectTooLarge as error:
+            raise SourceTooLarge(
+                f"source {_show(key)} is {error.size} bytes, over the limit of "
+                f"{self.settings.max_source_mb:g} MiB (PROXY_MAX_SOURCE_MB)"
+            ) from None
 
     async def _run_in_pool(self, function: Callable[..., T], *args: object) -> T:
         loop = asyncio.get_running_loop()
@@ -184,3 +175,54 @@ class VariantService:
                 # Larger than the whole cache: serve it without caching.
                 pass
         return variant
+
+
+def choose_source(keys: Iterable[str], base: str, extension: str) -> str | None:
+    """Pick the source of a variant among the keys that start with `<base>.`.
+
+    The first match wins: the variant's extension exactly, then in any letter
+    case, then the first of SOURCE_EXTENSIONS present, in any letter case. The
+    choice depends only on the keys, so every replica and every request order
+    picks the same source.
+    """
+    prefix = base + "."
+    by_extension: dict[str, str] = {}
+    for key in sorted(keys):
+        suffix = key[len(prefix) :] if key.startswith(prefix) else ""
+        if suffix == extension:
+            return key
+        if suffix.lower() in SOURCE_EXTENSIONS:
+            by_extension.setdefault(suffix.lower(), key)
+    if extension.lower() in by_extension:
+        return by_extension[extension.lower()]
+    for candidate in SOURCE_EXTENSIONS:
+        if candidate in by_extension:
+            return by_extension[candidate]
+    return None
+
+
+async def _single_flight(flights: dict[str, "asyncio.Future[T]"], key: str, work: Callable[[], Awaitable[T]]) -> T:
+    """Run `work` once for concurrent callers with the same key.
+
+    The work runs in a task of its own, so a caller that is cancelled, such as a
+    client that disconnects, cancels only its own wait.
+    """
+    task = flights.get(key)
+    if task is None:
+        task = asyncio.ensure_future(work())
+        flights[key] = task
+        task.add_done_callback(lambda done: _finish_flight(flights, key, done))
+    return await asyncio.shield(task)
+
+
+def _finish_flight(flights: dict[str, "asyncio.Future[T]"], key: str, task: "asyncio.Future[T]") -> None:
+    del flights[key]
+    # Marks a failure as retrieved even when every waiter has gone, so asyncio
+    # does not report it as never retrieved.
+    if not task.cancelled():
+        task.exception()
+
+
+def _show(text: str) -> str:
+    """Shorten a key for an error message."""
+    return text if len(text) <= 120 else text[:117] + "..."

@@ -212,9 +212,9 @@ class CountingStore(Store):
     def description(self) -> str:
         return self.inner.description
 
-    async def get(self, key):
+    async def get(self, key, max_bytes=None):
         self.calls.append(("get", key))
-        return await self.inner.get(key)
+        return await self.inner.get(key, max_bytes)
 
     async def head(self, key):
         self.calls.append(("head", key))

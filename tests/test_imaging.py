@@ -1,8 +1,11 @@
 """The libvips pipeline on generated images and a real photograph."""
 
+import io
+
 import pytest
 import pyvips
 from conftest import decode, make_image
+from PIL import Image
 
 from proxy import imaging
 from proxy.errors import UndecodableSource, UnsupportedFormat
@@ -176,3 +179,43 @@ def test_truncated_jpeg_rejected(photo, settings):
         imaging.make_variant(truncated, 360, "jpg", settings)
 
     assert "jpeg" in error.value.message
+
+
+def uncompressed_tiff(width: int, height: int) -> bytes:
+    """An uncompressed RGB TIFF written by Pillow, whose header comes before the strips."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 10, 10)).save(buffer, "TIFF", compression="raw")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png", ".webp", ".gif", ".avif", ".tif"])
+def test_truncated_source_undecodable_not_unsupported(settings, suffix):
+    # Any source format cut short is damaged (422), never "not an image" (415).
+    source = make_image(300, 200, suffix)
+    truncated = source[: len(source) * 6 // 10]
+
+    with pytest.raises(UndecodableSource):
+        imaging.make_variant(truncated, 360, "jpg", settings)
+
+
+def test_tiff_with_missing_strips_rejected(settings):
+    # The header is intact and claims more strips than the file holds; decoding
+    # must not fill the missing rows with black.
+    source = uncompressed_tiff(300, 400)
+    header = pyvips.Image.new_from_buffer(source[: len(source) // 2], "")
+    assert header.height == 400
+
+    with pytest.raises(UndecodableSource):
+        imaging.make_variant(source[: len(source) // 2], 360, "jpg", settings)
+
+
+def test_variant_over_webp_limit_rejected(settings):
+    tall = make_image(400, 20000, ".png")
+
+    with pytest.raises(UndecodableSource) as error:
+        imaging.make_variant(tall, 360, "webp", settings)
+    jpeg = imaging.make_variant(tall, 360, "jpg", settings)
+
+    assert "16383" in error.value.message
+    assert "360×18000" in error.value.message
+    assert (jpeg.width, jpeg.height) == (360, 18000)

@@ -6,6 +6,15 @@ from dataclasses import dataclass
 from datetime import datetime
 
 
+class ObjectTooLarge(Exception):
+    """An object is larger than the `max_bytes` its reader accepts; its body was not read."""
+
+    def __init__(self, key: str, size: int) -> None:
+        super().__init__(f"{key} is {size} bytes")
+        self.key = key
+        self.size = size
+
+
 @dataclass(frozen=True)
 class StoredObject:
     key: str
@@ -36,8 +45,11 @@ class Store(abc.ABC):
     """
 
     @abc.abstractmethod
-    async def get(self, key: str) -> StoredObject | None:
-        """Fetch an object with its body, or None if the key does not exist."""
+    async def get(self, key: str, max_bytes: int | None = None) -> StoredObject | None:
+        """Fetch an object with its body, or None if the key does not exist.
+
+        Raises ObjectTooLarge, before reading the body, for an object over `max_bytes`.
+        """
 
     @abc.abstractmethod
     async def head(self, key: str) -> ObjectInfo | None:

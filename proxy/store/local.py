@@ -1,14 +1,15 @@
 """A store in a local folder, where the key is the file's path below the folder."""
 
 import asyncio
+import errno
 import mimetypes
 import os
 import secrets
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..errors import StoreFailed
-from .base import ObjectInfo, Store, StoredObject, md5_etag
+from ..errors import InvalidPath, ProxyError, StoreFailed
+from .base import ObjectInfo, ObjectTooLarge, Store, StoredObject, md5_etag
 
 mimetypes.add_type("image/webp", ".webp")
 mimetypes.add_type("image/avif", ".avif")
@@ -29,8 +30,8 @@ class LocalStore(Store):
     def description(self) -> str:
         return str(self.root)
 
-    async def get(self, key: str) -> StoredObject | None:
-        return await asyncio.to_thread(self._get, key)
+    async def get(self, key: str, max_bytes: int | None = None) -> StoredObject | None:
+        return await asyncio.to_thread(self._get, key, max_bytes)
 
     async def head(self, key: str) -> ObjectInfo | None:
         return await asyncio.to_thread(self._head, key)
@@ -59,16 +60,19 @@ class LocalStore(Store):
             raise StoreFailed(f"key {key!r} cannot name a file in a local store")
         return self.root.joinpath(*parts)
 
-    def _get(self, key: str) -> StoredObject | None:
+    def _get(self, key: str, max_bytes: int | None = None) -> StoredObject | None:
         path = self._path(key)
         try:
             with path.open("rb") as file:
+                status = os.fstat(file.fileno())
+                if max_bytes is not None and status.st_size > max_bytes:
+                    raise ObjectTooLarge(key, status.st_size)
                 body = file.read()
-                mtime = os.fstat(file.fileno()).st_mtime
+                mtime = status.st_mtime
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
         except OSError as error:
-            raise StoreFailed(f"reading {path} failed: {error.strerror}") from error
+            raise _failure("reading", key, error) from error
         return StoredObject(
             key=key,
             body=body,
@@ -100,7 +104,7 @@ class LocalStore(Store):
                 raise
             mtime = path.stat().st_mtime
         except OSError as error:
-            raise StoreFailed(f"writing {path} failed: {error.strerror}") from error
+            raise _failure("writing", key, error) from error
         return StoredObject(key, body, _content_type(key), md5_etag(body), _timestamp(mtime))
 
     def _list_keys(self, prefix: str) -> list[str]:
@@ -132,7 +136,7 @@ class LocalStore(Store):
         try:
             path.unlink(missing_ok=True)
         except OSError as error:
-            raise StoreFailed(f"deleting {path} failed: {error.strerror}") from error
+            raise _failure("deleting", key, error) from error
 
 
 def _content_type(key: str) -> str:
@@ -144,3 +148,10 @@ def _content_type(key: str) -> str:
 
 def _timestamp(mtime: float) -> datetime:
     return datetime.fromtimestamp(int(mtime), tz=timezone.utc)
+
+
+def _failure(operation: str, key: str, error: OSError) -> ProxyError:
+    """Describe a failed file operation by its key, never by the server's file path."""
+    if error.errno == errno.ENAMETOOLONG:
+        return InvalidPath(f"a folder or file name in {key[:80]!r}... is too long for the local store; shorten it")
+    return StoreFailed(f"{operation} {key!r} in the local store failed: {error.strerror}")

@@ -25,7 +25,7 @@ from botocore.exceptions import (
 from botocore.handlers import add_expect_header
 
 from ..errors import StoreFailed, StoreTimedOut
-from .base import ObjectInfo, Store, StoredObject
+from .base import ObjectInfo, ObjectTooLarge, Store, StoredObject
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class S3Store(Store):
             await self._exit_stack.aclose()
             self._exit_stack = None
 
-    async def get(self, key: str) -> StoredObject | None:
+    async def get(self, key: str, max_bytes: int | None = None) -> StoredObject | None:
         async with self._translate_errors("GET", key):
             try:
                 response = await self._client.get_object(Bucket=self.bucket, Key=key)
@@ -86,6 +86,11 @@ class S3Store(Store):
                     return None
                 raise
             async with response["Body"] as stream:
+                # Leaving the block unread closes the connection instead of
+                # downloading a body that would be rejected anyway.
+                size = response.get("ContentLength", 0)
+                if max_bytes is not None and size > max_bytes:
+                    raise ObjectTooLarge(key, size)
                 body = await stream.read()
         return StoredObject(
             key=key,
