@@ -15,7 +15,6 @@ from .settings import Settings, load_settings
 from .uploads import FAILED, open_upload_handler
 
 logger = logging.getLogger(__name__)
-logging.getLogger().setLevel(logging.INFO)
 
 _settings: Settings | None = None
 
@@ -29,7 +28,16 @@ def handler(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
     # Settings are read once per Lambda container, and a bad one fails every call.
     if _settings is None:
         _settings = load_settings()
+        _set_log_levels(_settings)
     return asyncio.run(_handle(event, _settings))
+
+
+def _set_log_levels(settings: Settings) -> None:
+    # The Lambda runtime installs the root handler, so only levels are set here.
+    logging.getLogger().setLevel(settings.log_level)
+    # libvips logs every thumbnail step at INFO, which `resize-proxy` hides too.
+    for name in ("pyvips", "botocore", "aiobotocore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 async def _handle(event: dict[str, Any], settings: Settings) -> dict[str, Any]:
@@ -55,6 +63,11 @@ async def _failed_messages(uploads: Any, records: list[dict[str, Any]]) -> list[
             outcomes = await uploads.handle_document(record.get("body", ""))
         except InvalidEvent as error:
             logger.error("message id=%s is not an S3 event: %s", message_id, error)
+            failed_ids.append(message_id)
+            continue
+        except Exception:
+            # One message that trips a bug must not fail the whole batch.
+            logger.exception("message id=%s: unexpected error; reported as failed", message_id)
             failed_ids.append(message_id)
             continue
         if any(outcome.result == FAILED for outcome in outcomes):

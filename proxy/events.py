@@ -115,7 +115,13 @@ def _parse_s3_record(record: dict[str, Any], index: int) -> ObjectEvent:
     return ObjectEvent(
         bucket=bucket,
         key=key,
-        action=_action(name, created="ObjectCreated:", removed="ObjectRemoved:"),
+        # A lifecycle expiration deletes the object as DeleteObject does, and
+        # EventBridge reports both as "Object Deleted".
+        action=_action(
+            name,
+            created=("ObjectCreated:",),
+            removed=("ObjectRemoved:", "LifecycleExpiration:Delete"),
+        ),
         name=name,
     )
 
@@ -128,37 +134,42 @@ def _parse_eventbridge(document: dict[str, Any]) -> ObjectEvent:
         bucket=_field(document, "detail", "bucket", "name"),
         # EventBridge sends keys without any encoding.
         key=_field(document, "detail", "object", "key"),
-        action=_action(name, created="Object Created", removed="Object Deleted"),
+        action=_action(name, created=("Object Created",), removed=("Object Deleted",)),
         name=name,
     )
 
 
-def _action(name: str, *, created: str, removed: str) -> str:
+def _action(name: str, *, created: tuple[str, ...], removed: tuple[str, ...]) -> str:
     if name.startswith(created):
         return CREATED
     if name.startswith(removed):
         return REMOVED
-    # Other S3 events (restores, tagging, ACL changes, ...) change no pixels.
+    # Other S3 events (restores, transitions, tagging, ACL changes, ...) change no pixels.
     return f"other:{name}"
 
 
 def _field(document: dict[str, Any], *path: str, index: int | None = None) -> Any:
     """Read a string at `path`, or raise InvalidEvent naming the missing field."""
+    where = f"Records[{index}]." if index is not None else ""
     value: Any = document
     for name in path:
         if not isinstance(value, dict) or name not in value:
-            where = f"Records[{index}]." if index is not None else ""
             raise InvalidEvent(f"missing field {where}{'.'.join(path)}")
         value = value[name]
     if not isinstance(value, str):
-        raise InvalidEvent(f"field {'.'.join(path)} must be a string")
+        raise InvalidEvent(f"field {where}{'.'.join(path)} must be a string, got {type(value).__name__}")
     return value
 
 
 def _load_json(text: str | bytes) -> Any:
     try:
         return json.loads(text)
-    except (UnicodeDecodeError, RecursionError):
+    except UnicodeDecodeError:
         raise InvalidEvent("document is not valid UTF-8 JSON") from None
+    except RecursionError:
+        raise InvalidEvent("document is nested too deeply to parse as JSON") from None
     except json.JSONDecodeError as error:
         raise InvalidEvent(f"document is not valid JSON: {error.msg} at position {error.pos}") from None
+    except ValueError as error:
+        # Python rejects integers of more than 4300 digits with a plain ValueError.
+        raise InvalidEvent(f"document is not valid JSON: {error}") from None

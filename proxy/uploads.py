@@ -10,6 +10,7 @@ import contextlib
 import logging
 import re
 import time
+import unicodedata
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ from .events import CREATED, REMOVED, ObjectEvent, parse_document
 from .paths import MAX_KEY_BYTES, SOURCE_EXTENSIONS
 from .settings import OUTPUT_FORMATS, Settings
 from .store import Store, open_store
-from .variants import VariantService
+from .store.base import ObjectTooLarge
+from .variants import VariantService, choose_source
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ class Source:
 
 
 def all_sizes(settings: Settings) -> list[tuple[int, str]]:
-    """Every (width, format) pair that upload-event mode makes, widest first."""
+    """List every (width, format) pair that upload-event mode makes, widest first."""
     return [(width, fmt) for width in sorted(settings.widths, reverse=True) for fmt in settings.formats]
 
 
@@ -75,6 +77,10 @@ def source_of(key: str, settings: Settings) -> Source | str:
     segments = stem_path.split("/")
     if any(segment in ("", ".", "..") for segment in segments) or "\\" in key:
         return "key has an empty, '.' or '..' segment or a backslash"
+    # Variant URLs with control characters get 400, so such variants could
+    # never be served.
+    if any(unicodedata.category(char) == "Cc" for char in key):
+        return "key contains a control character"
     if not segments[-1] or segments[-1].startswith("."):
         return "file name has no stem before its extension"
     longest_variant = f"{settings.variant_prefix}{stem_path}-{max(settings.widths)}.webp"
@@ -149,27 +155,40 @@ class UploadHandler:
     async def make(self, source: Source, sizes: list[tuple[int, str]] | None = None) -> Outcome:
         """Make the variants of `source`: every width × format, or only `sizes`.
 
-        A failure becomes an Outcome with the reason; this never raises.
+        Making every width × format also deletes the source's other stored
+        variants, so none keeps showing an earlier upload. A failure becomes an
+        Outcome with the reason, so this never raises.
         """
         try:
-            return await self._make(source, sizes or all_sizes(self.settings))
+            return await self._make(source, sizes or all_sizes(self.settings), replace_all=not sizes)
         except ProxyError as error:
             return Outcome(source.key, FAILED, reason=error.message)
         except Exception as error:
             logger.exception("unexpected error making variants key=%r", source.key)
             return Outcome(source.key, FAILED, reason=f"unexpected {type(error).__name__}")
 
-    async def _make(self, source: Source, sizes: list[tuple[int, str]]) -> Outcome:
-        stored = await self.store.get(source.key)
+    async def _make(self, source: Source, sizes: list[tuple[int, str]], *, replace_all: bool) -> Outcome:
+        # Sources that share a stem (`photo.jpg`, `photo.png`) share variant keys.
+        # Each variant is made only from the source that the HTTP path picks for
+        # it, so both paths agree on its pixels.
+        base = self.settings.source_prefix + source.stem_path
+        siblings = await self.store.list_keys(base + ".")
+        sizes = [size for size in sizes if choose_source([*siblings, source.key], base, size[1]) == source.key]
+        if not sizes:
+            chosen = choose_source(siblings, base, self.settings.formats[0])
+            return Outcome(source.key, SKIPPED, reason=f"variants of this name come from {chosen!r}")
+
+        max_bytes = int(self.settings.max_source_mb * 1024 * 1024)
+        try:
+            stored = await self.store.get(source.key, max_bytes=max_bytes)
+        except ObjectTooLarge as error:
+            raise SourceTooLarge(
+                f"source is {error.size} bytes, over the limit of "
+                f"{self.settings.max_source_mb:g} MiB (PROXY_MAX_SOURCE_MB)"
+            ) from None
         if stored is None:
             # Deleted since the event was sent; its delete event follows.
             return Outcome(source.key, SKIPPED, reason="source no longer exists")
-        max_bytes = self.settings.max_source_mb * 1024 * 1024
-        if len(stored.body) > max_bytes:
-            raise SourceTooLarge(
-                f"source is {len(stored.body)} bytes, over the limit of "
-                f"{self.settings.max_source_mb:g} MiB (PROXY_MAX_SOURCE_MB)"
-            )
 
         loop = asyncio.get_running_loop()
         images = await loop.run_in_executor(
@@ -182,13 +201,23 @@ class UploadHandler:
             for key, image in zip(keys, images, strict=True)
         ]
         await _gather_bounded(writes)
-        self._forget(source, keys)
+
+        stale: list[str] = []
+        if replace_all:
+            # The HTTP path also stores other formats (`png`, `avif`, the `jpeg`
+            # spelling) and widths since removed from PROXY_WIDTHS. Those copies
+            # show the earlier upload, so they are deleted and made again on request.
+            written = set(keys)
+            stale = [key for key in await self.existing_variant_keys(source) if key not in written]
+            await _gather_bounded([self.store.delete(key) for key in stale])
+        self._forget(source, keys + stale)
         return Outcome(source.key, MADE, variants=len(keys))
 
     async def delete(self, source: Source) -> Outcome:
         """Delete every stored variant of `source`, whatever its width or format.
 
-        A failure becomes an Outcome with the reason; this never raises.
+        Nothing is deleted while the source key exists, and the Outcome is SKIPPED.
+        A failure becomes an Outcome with the reason, so this never raises.
         """
         try:
             return await self._delete(source)
@@ -199,6 +228,11 @@ class UploadHandler:
             return Outcome(source.key, FAILED, reason=f"unexpected {type(error).__name__}")
 
     async def _delete(self, source: Source) -> Outcome:
+        # The key can exist again, because a standard SQS queue does not keep order
+        # and this event may come after the created event of a new upload. In a
+        # versioned bucket, deleting an older version also sends ObjectRemoved:Delete.
+        if await self.store.head(source.key) is not None:
+            return Outcome(source.key, SKIPPED, reason="source exists again, so its variants stay")
         keys = await self.existing_variant_keys(source)
         await _gather_bounded([self.store.delete(key) for key in keys])
         self._forget(source, keys)

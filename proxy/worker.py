@@ -119,6 +119,15 @@ class SqsWorker:
                 error,
             )
             return
+        except Exception:
+            # A message that trips a bug is left in the queue like a failed one, and
+            # the worker goes on with the others.
+            logger.exception(
+                "message id=%s receive_count=%s: unexpected error; left in the queue",
+                message_id,
+                receive_count,
+            )
+            return
 
         failed = [outcome for outcome in outcomes if outcome.result == FAILED]
         if failed:
