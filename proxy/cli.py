@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import quote
 
 import uvicorn
+from botocore.exceptions import NoRegionError
 
 from .backfill import BackfillReport, Progress, plan, run_backfill, summary_lines
 from .errors import ProxyError
@@ -20,7 +21,7 @@ from .paths import SOURCE_EXTENSIONS
 from .settings import Settings, SettingsError, load_settings
 from .store import LocalStore
 from .uploads import FAILED, Outcome, open_upload_handler
-from .worker import run_worker
+from .worker import QueueUnusable, run_worker
 
 logger = logging.getLogger(__name__)
 
@@ -148,9 +149,16 @@ def _warm(args: argparse.Namespace, settings: Settings) -> int:
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
     _configure_logging(settings)
-    asyncio.run(
-        run_worker(settings, args.queue_url, concurrency=args.concurrency, wait_seconds=args.wait_seconds)
-    )
+    try:
+        asyncio.run(
+            run_worker(settings, args.queue_url, concurrency=args.concurrency, wait_seconds=args.wait_seconds)
+        )
+    except QueueUnusable as error:
+        print(f"resize-proxy: {error}", file=sys.stderr)
+        return 1
+    except NoRegionError:
+        print("resize-proxy: no AWS region set; set AWS_REGION, for example AWS_REGION=eu-west-1", file=sys.stderr)
+        return 2
     return 0
 
 

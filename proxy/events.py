@@ -73,7 +73,8 @@ def _parse(document: Any, depth: int) -> list[ObjectEvent]:
         # Confirming means fetching SubscribeURL, which this service never does on
         # its own: an operator confirms the subscription once.
         logger.warning(
-            "SNS %s received topic=%s; open its SubscribeURL once to confirm: %s",
+            # %r keeps newlines in these untrusted fields from forging log lines.
+            "SNS %r received topic=%r; open its SubscribeURL once to confirm: %r",
             document["Type"],
             document.get("TopicArn", "-"),
             document.get("SubscribeURL", "-"),

@@ -130,17 +130,20 @@ def make_variant(data: bytes, width: int, output_format: str, settings: Settings
     A 5640×3172 JPEG at width 720 gives 720×405. A source narrower than `width`
     keeps its own size, because a variant is never enlarged.
     """
-    return make_variants(data, [(width, output_format)], settings)[0]
+    variant = make_variants(data, [(width, output_format)], settings)[0]
+    assert variant is not None, "make_variants returns None only with skip_oversized"
+    return variant
 
 
 def make_variants(
-    data: bytes, sizes: list[tuple[int, str]], settings: Settings
-) -> list[EncodedImage]:
+    data: bytes, sizes: list[tuple[int, str]], settings: Settings, *, skip_oversized: bool = False
+) -> list[EncodedImage | None]:
     """Make one variant per (width, output format) pair, decoding the source once.
 
     The source is decoded with shrink-on-load at the largest width asked for, and
     the smaller widths are resized from that decode. The results follow the order
-    of `sizes`.
+    of `sizes`. A variant over its format's side limit raises UndecodableSource,
+    or with `skip_oversized` is None in the results while the others are made.
     """
     source_format, header = _open_header(data)
     # The header alone gives the size, so an oversized image is rejected before
@@ -151,16 +154,27 @@ def make_variants(
             f"source is {header.width}×{header.height} pixels, over the limit of "
             f"{settings.max_pixels} (PROXY_MAX_PIXELS)"
         )
+    possible = []
     for width, output_format in sizes:
-        _check_output_size(header, width, output_format)
+        try:
+            _check_output_size(header, width, output_format)
+            possible.append((width, output_format))
+        except UndecodableSource:
+            if not skip_oversized:
+                raise
+    if not possible:
+        return [None] * len(sizes)
     try:
-        largest = _thumbnail(data, max(width for width, _ in sizes), source_format)
+        largest = _thumbnail(data, max(width for width, _ in possible), source_format)
         largest = _to_srgb(largest)
-        if len(sizes) > 1:
+        if len(possible) > 1:
             # A libvips pipeline can be read once; keeping the decoded pixels in
             # memory lets every variant read them.
             largest = largest.copy_memory()
-        return [_make_one(largest, width, output_format, settings) for width, output_format in sizes]
+        return [
+            _make_one(largest, width, output_format, settings) if (width, output_format) in possible else None
+            for width, output_format in sizes
+        ]
     except pyvips.Error as error:
         raise UndecodableSource(
             f"{source_format} source could not be decoded ({_first_line(error)}); "

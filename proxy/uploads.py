@@ -7,6 +7,7 @@ as on the HTTP path.
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import time
@@ -17,18 +18,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import imaging
-from .errors import ProxyError, SourceTooLarge
+from .errors import ProxyError, SourceTooLarge, StoreFailed
 from .events import CREATED, REMOVED, ObjectEvent, parse_document
 from .paths import MAX_KEY_BYTES, SOURCE_EXTENSIONS
 from .settings import OUTPUT_FORMATS, Settings
 from .store import Store, open_store
-from .store.base import ObjectTooLarge
+from .store.base import ObjectTooLarge, StoredObject
 from .variants import VariantService, choose_source
 
 logger = logging.getLogger(__name__)
 
 # Store requests that one source's variants may have in flight at once.
 MAX_PARALLEL_WRITES = 8
+# Times a source is made again when it changes while its variants are made.
+MAX_ATTEMPTS = 3
 
 MADE = "made"
 DELETED = "deleted"
@@ -77,6 +80,10 @@ def source_of(key: str, settings: Settings) -> Source | str:
     segments = stem_path.split("/")
     if any(segment in ("", ".", "..") for segment in segments) or "\\" in key:
         return "key has an empty, '.' or '..' segment or a backslash"
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return "key is not valid UTF-8"
     # Variant URLs with control characters get 400, so such variants could
     # never be served.
     if any(unicodedata.category(char) == "Cc" for char in key):
@@ -107,6 +114,7 @@ class UploadHandler:
         self.settings = settings
         self.executor = executor
         self.variants = variants
+        self._key_locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
     async def handle_document(self, document: Any) -> list[Outcome]:
         """Handle every event in a document. Raises InvalidEvent for a non-event."""
@@ -120,7 +128,7 @@ class UploadHandler:
         level = logging.WARNING if outcome.result == FAILED else logging.INFO
         logger.log(
             level,
-            "event %s bucket=%s key=%r result=%s variants=%d duration_ms=%.1f reason=%s",
+            "event %r bucket=%r key=%r result=%s variants=%d duration_ms=%.1f reason=%r",
             event.name,
             event.bucket,
             event.key,
@@ -132,6 +140,24 @@ class UploadHandler:
         return outcome
 
     async def _handle(self, event: ObjectEvent) -> Outcome:
+        # Events of one key run one at a time in this process, so a delete cannot
+        # overtake the upload it follows.
+        lock, users = self._key_locks.get(event.key, (asyncio.Lock(), 0))
+        self._key_locks[event.key] = (lock, users + 1)
+        try:
+            async with lock:
+                return await self._handle_in_order(event)
+        except Exception as error:
+            logger.exception("unexpected error on event key=%r", event.key)
+            return Outcome(event.key, FAILED, reason=f"unexpected {type(error).__name__}")
+        finally:
+            lock, users = self._key_locks[event.key]
+            if users == 1:
+                del self._key_locks[event.key]
+            else:
+                self._key_locks[event.key] = (lock, users - 1)
+
+    async def _handle_in_order(self, event: ObjectEvent) -> Outcome:
         reason = self._skip_reason(event)
         if reason:
             return Outcome(event.key, SKIPPED, reason=reason)
@@ -168,53 +194,93 @@ class UploadHandler:
             return Outcome(source.key, FAILED, reason=f"unexpected {type(error).__name__}")
 
     async def _make(self, source: Source, sizes: list[tuple[int, str]], *, replace_all: bool) -> Outcome:
-        # Sources that share a stem (`photo.jpg`, `photo.png`) share variant keys.
-        # Each variant is made only from the source that the HTTP path picks for
-        # it, so both paths agree on its pixels.
-        base = self.settings.source_prefix + source.stem_path
-        siblings = await self.store.list_keys(base + ".")
-        sizes = [size for size in sizes if choose_source([*siblings, source.key], base, size[1]) == source.key]
-        if not sizes:
-            chosen = choose_source(siblings, base, self.settings.formats[0])
+        owned, candidates = await self._owned_formats(source)
+        if not any(size[1] in owned for size in sizes):
+            base = self.settings.source_prefix + source.stem_path
+            chosen = choose_source(candidates, base, sizes[0][1])
             return Outcome(source.key, SKIPPED, reason=f"variants of this name come from {chosen!r}")
+        sizes = [size for size in sizes if size[1] in owned]
 
-        max_bytes = int(self.settings.max_source_mb * 1024 * 1024)
-        try:
-            stored = await self.store.get(source.key, max_bytes=max_bytes)
-        except ObjectTooLarge as error:
-            raise SourceTooLarge(
-                f"source is {error.size} bytes, over the limit of "
-                f"{self.settings.max_source_mb:g} MiB (PROXY_MAX_SOURCE_MB)"
-            ) from None
-        if stored is None:
-            # Deleted since the event was sent; its delete event follows.
-            return Outcome(source.key, SKIPPED, reason="source no longer exists")
-
-        loop = asyncio.get_running_loop()
-        images = await loop.run_in_executor(
-            self.executor, imaging.make_variants, stored.body, sizes, self.settings
-        )
-
-        keys = [source.variant_key(self.settings, width, fmt) for width, fmt in sizes]
-        writes = [
-            self.store.put(key, image.body, image.content_type, self.settings.cache_control)
-            for key, image in zip(keys, images, strict=True)
-        ]
-        await _gather_bounded(writes)
+        # Another process may replace or delete the source while its variants are
+        # made. Reading its ETag again afterwards catches that: the variants are
+        # then made again, or deleted with it.
+        for _ in range(MAX_ATTEMPTS):
+            stored = await self._get_source(source)
+            if stored is None:
+                return Outcome(source.key, SKIPPED, reason="source no longer exists")
+            written, skipped = await self._write_variants(source, stored, sizes)
+            current = await self.store.head(source.key)
+            if current is not None and current.etag == stored.etag:
+                break
+            if current is None:
+                await _gather_bounded([self.store.delete(key) for key in written])
+                self._forget(source, written)
+                return Outcome(source.key, SKIPPED, reason="source was deleted while its variants were made")
+        else:
+            raise StoreFailed(f"source {source.key!r} kept changing while its variants were made; try again")
 
         stale: list[str] = []
         if replace_all:
             # The HTTP path also stores other formats (`png`, `avif`, the `jpeg`
             # spelling) and widths since removed from PROXY_WIDTHS. Those copies
             # show the earlier upload, so they are deleted and made again on request.
-            written = set(keys)
-            stale = [key for key in await self.existing_variant_keys(source) if key not in written]
+            kept = set(written)
+            stale = [
+                key for key in await self.existing_variant_keys(source)
+                if key not in kept and _extension(key) in owned
+            ]
             await _gather_bounded([self.store.delete(key) for key in stale])
-        self._forget(source, keys + stale)
-        return Outcome(source.key, MADE, variants=len(keys))
+        self._forget(source, written + stale)
+        reason = f"over the side limit of their format, not made: {', '.join(skipped)}" if skipped else ""
+        return Outcome(source.key, MADE, variants=len(written), reason=reason)
+
+    async def _get_source(self, source: Source) -> StoredObject | None:
+        max_bytes = int(self.settings.max_source_mb * 1024 * 1024)
+        try:
+            return await self.store.get(source.key, max_bytes=max_bytes)
+        except ObjectTooLarge as error:
+            raise SourceTooLarge(
+                f"source is {error.size} bytes, over the limit of "
+                f"{self.settings.max_source_mb:g} MiB (PROXY_MAX_SOURCE_MB)"
+            ) from None
+
+    async def _write_variants(
+        self, source: Source, stored: StoredObject, sizes: list[tuple[int, str]]
+    ) -> tuple[list[str], list[str]]:
+        """Make and store the variants; return the keys written and those skipped."""
+        loop = asyncio.get_running_loop()
+        make = functools.partial(imaging.make_variants, skip_oversized=True)
+        images = await loop.run_in_executor(self.executor, make, stored.body, sizes, self.settings)
+
+        written, skipped, writes = [], [], []
+        for (width, fmt), image in zip(sizes, images, strict=True):
+            key = source.variant_key(self.settings, width, fmt)
+            if image is None:
+                # A tall image may exceed WebP's side limit; its JPEG variants
+                # are still made, and the HTTP path returns 422 for the rest.
+                skipped.append(key)
+                continue
+            written.append(key)
+            writes.append(self.store.put(key, image.body, image.content_type, self.settings.cache_control))
+        await _gather_bounded(writes)
+        return written, skipped
+
+    async def _owned_formats(self, source: Source) -> tuple[set[str], set[str]]:
+        """Return the output extensions whose variants come from this source, and
+        the keys of all sources with its stem.
+
+        Sources that share a stem (`photo.jpg`, `photo.png`) share variant keys.
+        Each variant comes from the source that the HTTP path picks for it, so
+        both paths agree on its pixels, and events of one source leave the
+        other's variants alone.
+        """
+        base = self.settings.source_prefix + source.stem_path
+        candidates = {*await self.store.list_keys(base + "."), source.key}
+        owned = {ext for ext in OUTPUT_FORMATS if choose_source(candidates, base, ext) == source.key}
+        return owned, candidates
 
     async def delete(self, source: Source) -> Outcome:
-        """Delete every stored variant of `source`, whatever its width or format.
+        """Delete the stored variants that came from `source`, whatever their width.
 
         Nothing is deleted while the source key exists, and the Outcome is SKIPPED.
         A failure becomes an Outcome with the reason, so this never raises.
@@ -233,7 +299,8 @@ class UploadHandler:
         # versioned bucket, deleting an older version also sends ObjectRemoved:Delete.
         if await self.store.head(source.key) is not None:
             return Outcome(source.key, SKIPPED, reason="source exists again, so its variants stay")
-        keys = await self.existing_variant_keys(source)
+        owned, _ = await self._owned_formats(source)
+        keys = [key for key in await self.existing_variant_keys(source) if _extension(key) in owned]
         await _gather_bounded([self.store.delete(key) for key in keys])
         self._forget(source, keys)
         return Outcome(source.key, DELETED, variants=len(keys))
@@ -279,3 +346,7 @@ async def open_upload_handler(settings: Settings) -> AsyncIterator[UploadHandler
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
         await store.close()
+
+
+def _extension(key: str) -> str:
+    return key.rpartition(".")[2]

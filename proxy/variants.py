@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TypeVar
 
-from cachetools import LRUCache, TTLCache
+from cachetools import TTLCache
 
 from . import imaging
 from .errors import NotFound, Overloaded, SourceTooLarge
@@ -46,8 +46,11 @@ class VariantService:
     def __init__(self, store: Store, settings: Settings) -> None:
         self.store = store
         self.settings = settings
-        self.memory: LRUCache[str, Variant] = LRUCache(
+        # Entries expire, because another process (a worker, a replica) may
+        # replace or delete a variant without this one hearing of it.
+        self.memory: TTLCache[str, Variant] = TTLCache(
             maxsize=int(settings.memory_cache_mb * 1024 * 1024),
+            ttl=settings.memory_cache_ttl,
             getsizeof=lambda variant: len(variant.body) + ENTRY_OVERHEAD,
         )
         # Source base (key without extension) to the source keys a listing found;

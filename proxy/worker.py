@@ -12,13 +12,13 @@ import logging
 import signal
 from typing import Any
 
-import aioboto3
 import aiohttp
 from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 from .events import InvalidEvent
 from .settings import Settings
+from .store.s3 import aws_session
 from .uploads import FAILED, UploadHandler, open_upload_handler
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,8 @@ class SqsWorker:
         self.concurrency = concurrency
         self.wait_seconds = wait_seconds
         self.stopping = asyncio.Event()
+        # Set when the queue became unusable; run_worker then fails with it.
+        self.fatal_error: str | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
 
     def stop(self) -> None:
@@ -94,16 +96,29 @@ class SqsWorker:
             return []
         try:
             return receive.result().get("Messages", [])
-        except (ClientError, BotoCoreError, aiohttp.ClientError, OSError) as error:
-            logger.error(
-                "receiving from queue=%s failed: %s; retrying in %.0f s",
-                self.queue_url,
-                error,
-                RECEIVE_RETRY_DELAY,
-            )
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), RECEIVE_RETRY_DELAY)
-            return []
+        except ClientError as error:
+            code = error.response.get("Error", {}).get("Code", "")
+            if code in FATAL_CODES:
+                # A queue deleted while the worker runs: stop instead of retrying forever.
+                logger.error("queue=%s cannot be read (%s); stopping", self.queue_url, code)
+                self.fatal_error = f"queue {self.queue_url} cannot be read ({code}); check --queue-url"
+                self.stop()
+                return []
+            return await self._receive_failed(error)
+        except (BotoCoreError, aiohttp.ClientError, OSError) as error:
+            return await self._receive_failed(error)
+
+    async def _receive_failed(self, error: Exception) -> list[dict[str, Any]]:
+        """Log a receive that may work on retry, and wait before the next one."""
+        logger.error(
+            "receiving from queue=%s failed: %s; retrying in %.0f s",
+            self.queue_url,
+            error,
+            RECEIVE_RETRY_DELAY,
+        )
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), RECEIVE_RETRY_DELAY)
+        return []
 
     async def _process(self, message: dict[str, Any]) -> None:
         message_id = message.get("MessageId", "-")
@@ -150,6 +165,31 @@ class SqsWorker:
         logger.info("message id=%s done records=%d", message_id, len(outcomes))
 
 
+class QueueUnusable(Exception):
+    """The queue cannot be read, and retrying will not change that."""
+
+
+# SQS error codes that retrying cannot fix: the queue is missing or denied.
+FATAL_CODES = {
+    "AWS.SimpleQueueService.NonExistentQueue",
+    "QueueDoesNotExist",
+    "AccessDenied",
+    "InvalidAddress",
+    "InvalidClientTokenId",
+}
+
+
+async def _check_queue(sqs: Any, queue_url: str) -> None:
+    """Raise QueueUnusable unless the queue answers, so a typo stops the worker at once."""
+    try:
+        await sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])
+    except ClientError as error:
+        code = error.response.get("Error", {}).get("Code", "unknown")
+        raise QueueUnusable(f"queue {queue_url} cannot be read ({code}); check --queue-url and the credentials") from None
+    except (BotoCoreError, aiohttp.ClientError, OSError) as error:
+        raise QueueUnusable(f"queue {queue_url} cannot be reached ({error}); check --queue-url and the SQS endpoint") from None
+
+
 async def run_worker(settings: Settings, queue_url: str, *, concurrency: int, wait_seconds: int) -> None:
     """Run a worker until SIGTERM or SIGINT, then finish the messages in flight."""
     # A long poll holds the connection for wait_seconds before SQS answers.
@@ -158,8 +198,9 @@ async def run_worker(settings: Settings, queue_url: str, *, concurrency: int, wa
         read_timeout=wait_seconds + settings.s3_read_timeout,
         retries={"total_max_attempts": settings.s3_max_attempts, "mode": "standard"},
     )
-    session = aioboto3.Session()
+    session = aws_session()
     async with open_upload_handler(settings) as handler, session.client("sqs", config=config) as sqs:
+        await _check_queue(sqs, queue_url)
         worker = SqsWorker(handler, sqs, queue_url, concurrency=concurrency, wait_seconds=wait_seconds)
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -169,3 +210,5 @@ async def run_worker(settings: Settings, queue_url: str, *, concurrency: int, wa
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
+        if worker.fatal_error:
+            raise QueueUnusable(worker.fatal_error)

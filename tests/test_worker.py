@@ -16,6 +16,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote_plus
@@ -23,10 +24,12 @@ from urllib.parse import unquote_plus
 import aioboto3
 import boto3
 import pytest
-from conftest import FAKE_CREDENTIALS, REPO, decode, make_image
+from conftest import FAKE_CREDENTIALS, REPO, CountingStore, decode, make_image
 
+from proxy.errors import StoreFailed
 from proxy.settings import Settings
-from proxy.uploads import open_upload_handler
+from proxy.store import open_store
+from proxy.uploads import UploadHandler, open_upload_handler
 from proxy.worker import SqsWorker
 
 WIDTHS = [360, 720, 1200, 2200]
@@ -383,17 +386,99 @@ async def test_worker_stop_returns_while_idle(s3_settings, make_queue):
     assert running.task.exception() is None
 
 
-async def test_worker_missing_queue_logs_error(aws_env, s3_settings, proxy_logs):
+async def test_worker_missing_queue_stops_with_error(aws_env, s3_settings, proxy_logs):
     queue_url = f"{aws_env}/123456789012/no-such-queue-{uuid.uuid4().hex[:16]}"
+    session = aioboto3.Session()
 
-    async with running_worker(s3_settings, queue_url) as running:
-        await wait_until(
-            lambda: error_lines(proxy_logs, "proxy.worker", f"receiving from queue={queue_url} failed"),
-            "the receive error to be logged",
-        )
-        assert not running.task.done()
+    async with open_upload_handler(s3_settings) as handler, session.client("sqs") as client:
+        worker = SqsWorker(handler, client, queue_url, concurrency=2, wait_seconds=WAIT_SECONDS)
+        await asyncio.wait_for(worker.run(), STOP_TIMEOUT)
 
-    assert running.task.exception() is None
+    assert worker.fatal_error is not None
+    assert "check --queue-url" in worker.fatal_error
+    assert error_lines(proxy_logs, "proxy.worker", "cannot be read")
+
+
+class GatedStore(CountingStore):
+    """Hold every write until `release` is set, and tell when the first one waits."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.release = asyncio.Event()
+        self.writing = asyncio.Event()
+
+    async def put(self, key, body, content_type, cache_control):
+        self.writing.set()
+        await self.release.wait()
+        return await super().put(key, body, content_type, cache_control)
+
+
+async def test_worker_stop_finishes_work_in_flight(s3, sqs, bucket, photo, s3_settings, make_queue):
+    queue = make_queue()
+    notify(s3, bucket, queue, prefix="original/")
+    store = GatedStore(await open_store(s3_settings))
+    executor = ThreadPoolExecutor(max_workers=2)
+    handler = UploadHandler(store, s3_settings, executor)
+    session = aioboto3.Session()
+    try:
+        async with session.client("sqs") as client:
+            worker = SqsWorker(handler, client, queue.url, concurrency=2, wait_seconds=WAIT_SECONDS)
+            task = asyncio.create_task(worker.run())
+            s3.put_object(Bucket=bucket, Key=PHOTO_KEY, Body=photo)
+            await asyncio.wait_for(store.writing.wait(), POLL_TIMEOUT)
+
+            # Stopping while the variants wait to be written must not drop them.
+            worker.stop()
+            await asyncio.sleep(WAIT_SECONDS + 0.5)
+            still_running = not task.done()
+            store.release.set()
+            await asyncio.wait_for(task, STOP_TIMEOUT)
+    finally:
+        executor.shutdown()
+        await store.close()
+
+    assert still_running
+    assert has_keys(s3, bucket, variant_keys(PHOTO_VARIANT_BASE))()
+    counts = queue_counts(sqs, queue.url)
+    assert counts.visible == 0
+    assert counts.not_visible == 0
+
+
+class FailingPutStore(CountingStore):
+    """Fail the write of one variant key with a store error."""
+
+    def __init__(self, inner, failing_key):
+        super().__init__(inner)
+        self.failing_key = failing_key
+
+    async def put(self, key, body, content_type, cache_control):
+        if key == self.failing_key:
+            raise StoreFailed(f"S3 PUT s3://test/{key} failed with InternalError")
+        return await super().put(key, body, content_type, cache_control)
+
+
+async def test_worker_keeps_message_when_write_fails(s3, sqs, bucket, photo, s3_settings, make_queue):
+    queue = make_queue(visibility_timeout=SHORT_VISIBILITY_TIMEOUT)
+    notify(s3, bucket, queue, prefix="original/")
+    store = FailingPutStore(await open_store(s3_settings), f"{PHOTO_VARIANT_BASE}-720.webp")
+    executor = ThreadPoolExecutor(max_workers=2)
+    handler = UploadHandler(store, s3_settings, executor)
+    session = aioboto3.Session()
+    try:
+        async with session.client("sqs") as client:
+            worker = SqsWorker(handler, client, queue.url, concurrency=2, wait_seconds=WAIT_SECONDS)
+            task = asyncio.create_task(worker.run())
+            s3.put_object(Bucket=bucket, Key=PHOTO_KEY, Body=photo)
+            await wait_until(lambda: store.count("put") >= 7, "the other variants to be written")
+            await asyncio.sleep(WAIT_SECONDS)
+            worker.stop()
+            await asyncio.wait_for(task, STOP_TIMEOUT)
+    finally:
+        executor.shutdown()
+        await store.close()
+
+    counts = queue_counts(sqs, queue.url)
+    assert counts.visible + counts.not_visible == 1
 
 
 @pytest.fixture
@@ -428,6 +513,9 @@ def test_worker_command_stops_on_sigterm(aws_env, s3, bucket, photo, make_queue,
     env = {name: value for name, value in os.environ.items() if not name.startswith(("PROXY_", "AWS_"))}
     env.update(FAKE_CREDENTIALS)
     env.update({"PROXY_STORAGE": f"s3://{bucket}", "AWS_ENDPOINT_URL": aws_env})
+    # AWS_REGION alone, as the README shows: botocore itself reads only
+    # AWS_DEFAULT_REGION, which once made the SQS client fail.
+    del env["AWS_DEFAULT_REGION"]
     keys = variant_keys(PHOTO_VARIANT_BASE)
 
     process = worker_process(["--queue-url", queue.url, "--wait-seconds", str(WAIT_SECONDS)], env)
@@ -440,4 +528,19 @@ def test_worker_command_stops_on_sigterm(aws_env, s3, bucket, photo, make_queue,
     assert returncode == 0, log
     assert "worker started" in log
     assert "worker stopped" in log
+    assert "Traceback" not in log
+
+
+def test_worker_command_missing_queue_exits_1(aws_env, bucket, worker_process, tmp_path):
+    env = {name: value for name, value in os.environ.items() if not name.startswith(("PROXY_", "AWS_"))}
+    env.update(FAKE_CREDENTIALS)
+    env.update({"PROXY_STORAGE": f"s3://{bucket}", "AWS_ENDPOINT_URL": aws_env})
+    queue_url = f"{aws_env}/123456789012/no-such-queue-{uuid.uuid4().hex[:16]}"
+
+    process = worker_process(["--queue-url", queue_url, "--wait-seconds", str(WAIT_SECONDS)], env)
+    returncode = process.wait(timeout=STOP_TIMEOUT)
+
+    log = (tmp_path / "worker-0.log").read_text(errors="replace")
+    assert returncode == 1, log
+    assert "check --queue-url" in log
     assert "Traceback" not in log

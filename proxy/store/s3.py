@@ -8,6 +8,7 @@ so any S3-compatible server works. One client serves the whole process.
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
@@ -30,6 +31,15 @@ from .base import ObjectInfo, ObjectTooLarge, Store, StoredObject
 logger = logging.getLogger(__name__)
 
 MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
+
+
+def aws_session() -> aioboto3.Session:
+    """Make a session that also takes its region from AWS_REGION.
+
+    botocore 1.40 reads only AWS_DEFAULT_REGION, while AWS SDKs and Lambda set
+    AWS_REGION, so an S3 client worked without a region and an SQS client failed.
+    """
+    return aioboto3.Session(region_name=os.environ.get("AWS_REGION") or None)
 
 
 class S3Store(Store):
@@ -57,7 +67,7 @@ class S3Store(Store):
             max_pool_connections=max_connections,
         )
         exit_stack = contextlib.AsyncExitStack()
-        session = aioboto3.Session()
+        session = aws_session()
         client = await exit_stack.enter_async_context(session.client("s3", config=config))
         # botocore adds `Expect: 100-continue` to S3 PUT requests with a body, and
         # aiohttp 3.14 starts the read timeout only after the body is sent, so a
