@@ -15,6 +15,7 @@ from .access_log import AccessLogMiddleware
 from .errors import Overloaded, ProxyError, Unauthorized
 from .event_endpoint import receive_events
 from .paths import parse_variant_path
+from .preview import serve_preview
 from .settings import Settings, load_settings
 from .store import Store, open_store
 from .uploads import UploadHandler
@@ -65,6 +66,9 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.add_api_route("/healthz", healthz, methods=["GET", "HEAD"])
     app.add_api_route("/readyz", readyz, methods=["GET", "HEAD"])
     app.add_api_route("/events/s3", receive_events, methods=["POST"])
+    # With PROXY_VARIANT_PREFIX=preview/ the variants keep the path, and there is no preview page.
+    if not settings.variant_prefix.startswith("preview/"):
+        app.add_api_route("/preview/{key:path}", serve_preview, methods=["GET", "HEAD"])
     app.add_api_route("/{path:path}", serve_variant, methods=["GET", "HEAD"])
     return app
 
@@ -155,7 +159,11 @@ async def _error_response(request: Request, error: Exception) -> Response:
     assert isinstance(error, ProxyError)
     settings: Settings = request.app.state.settings
     request.state.error = error.message
-    headers = {"Cache-Control": settings.error_cache_control}
+    # A server-side failure passes; an edge cache must not keep it for a minute.
+    # Answers to POST are never cached either.
+    server_side = error.status >= 500 or request.method == "POST"
+    cache_control = "no-store" if server_side else settings.error_cache_control
+    headers = {"Cache-Control": cache_control}
     if isinstance(error, Overloaded):
         headers["Retry-After"] = str(error.retry_after)
     if isinstance(error, Unauthorized):

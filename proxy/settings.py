@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     # Largest event document accepted, in bytes, and most records in one.
     event_max_bytes: int = Field(1024 * 1024, ge=1024)
     event_max_records: int = Field(100, ge=1)
+    # Serve the preview page at /preview/<source key>.
+    preview: bool = True
 
     jpeg_quality: int = Field(90, ge=1, le=100)
     webp_quality: int = Field(80, ge=1, le=100)
@@ -85,6 +87,9 @@ class Settings(BaseSettings):
 
     # Upper bound of the memory cache, counted in variant bytes. The limit of 1 PiB
     # is far above any memory size and keeps the byte count a finite integer.
+    # Seconds a variant stays in the memory cache; a replaced variant can be
+    # served from another process's memory cache for this long.
+    memory_cache_ttl: float = Field(300.0, gt=0, le=86400, allow_inf_nan=False)
     memory_cache_mb: float = Field(128, ge=0, le=1024**3, allow_inf_nan=False)
     # Seconds that a resolved source key, or the absence of a source, is remembered.
     lookup_ttl: float = Field(60.0, ge=0, allow_inf_nan=False)
@@ -108,7 +113,8 @@ class Settings(BaseSettings):
         # An empty token would let any request with an empty password in.
         if isinstance(value, str) and not value.strip():
             return None
-        return value
+        # A Bearer header cannot carry surrounding spaces, so they are dropped.
+        return value.strip() if isinstance(value, str) else value
 
     @field_validator("widths", "formats", mode="before")
     @classmethod
