@@ -29,12 +29,15 @@ COPY --from=build /opt/venv /opt/venv
 # with the default number of arenas, and about 240 MB with 2.
 # PROXY_STORAGE is /data because the local-folder default, ./images, does not
 # exist in the image. Set s3://BUCKET, or mount a folder with original/ at /data.
+# The preview page encodes every variant of a source per request, so the image
+# turns it off; set PROXY_PREVIEW=1 on a private instance to use it.
 # The CMD below reads PORT and WORKERS, and the HEALTHCHECK reads PORT.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     MALLOC_ARENA_MAX=2 \
     PROXY_STORAGE=/data \
+    PROXY_PREVIEW=0 \
     PORT=8080 \
     WORKERS=1
 USER 10001:10001

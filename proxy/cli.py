@@ -4,6 +4,7 @@ import argparse
 import asyncio
 import logging
 import logging.config
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -34,7 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as error:
         print(f"resize-proxy: {error}", file=sys.stderr)
         return 2
-    return args.run(args, settings)
+    try:
+        return args.run(args, settings)
+    except BrokenPipeError:
+        # The reader of the output went away, as `backfill --dry-run | head` does.
+        # Pointing stdout at /dev/null keeps Python's exit-time flush from failing.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -180,10 +188,12 @@ def _backfill(args: argparse.Namespace, settings: Settings) -> int:
         lines = asyncio.run(run())
     except KeyboardInterrupt:
         print(
-            f"\nresize-proxy: interrupted after {report.made} sources ({report.variants} variants); "
-            "run the same command again to make the rest",
+            f"\nresize-proxy: interrupted after {report.made} sources ({report.variants} variants), "
+            f"{len(report.failures)} failed; run the same command again to make the rest",
             file=sys.stderr,
         )
+        for key, reason in report.failures:
+            print(f"failed: {key}: {reason}", file=sys.stderr)
         return 130
     except ProxyError as error:
         print(f"resize-proxy: backfill failed: {error.message}", file=sys.stderr)

@@ -222,3 +222,4 @@ def test_interrupted_backfill_finishes_on_rerun(s3, bucket, aws_env, photo, tmp_
     for number in range(12):
         body = s3.get_object(Bucket=bucket, Key=f"r/big/p{number:02d}-2200.webp")["Body"].read()
         assert decode(body).width == min(2200, decode(photo).width)
+

@@ -410,6 +410,14 @@ def test_function_role_actions_minimal(resources):
     assert actions == DOC_POLICY_ACTIONS | {"logs:CreateLogStream", "logs:PutLogEvents"}
 
 
+def test_function_role_lists_without_condition(resources):
+    # With an s3:prefix condition, S3 answers a HEAD of a deleted source with 403,
+    # so every delete event would fail.
+    [policy] = resources["ResizeFunctionRole"]["Properties"]["Policies"]
+    [listing] = [s for s in policy["PolicyDocument"]["Statement"] if s["Action"] == "s3:ListBucket"]
+    assert "Condition" not in listing
+
+
 # --- IAM policy in docs/deploy.md ---
 
 
