@@ -159,8 +159,8 @@ async def _error_response(request: Request, error: Exception) -> Response:
     assert isinstance(error, ProxyError)
     settings: Settings = request.app.state.settings
     request.state.error = error.message
-    # A server-side failure passes; an edge cache must not keep it for a minute.
-    # Answers to POST are never cached either.
+    # A server-side failure is temporary, so an edge cache must not keep it for a
+    # minute. Responses to POST are never cached either.
     server_side = error.status >= 500 or request.method == "POST"
     cache_control = "no-store" if server_side else settings.error_cache_control
     headers = {"Cache-Control": cache_control}

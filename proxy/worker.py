@@ -180,7 +180,7 @@ FATAL_CODES = {
 
 
 async def _check_queue(sqs: Any, queue_url: str) -> None:
-    """Raise QueueUnusable unless the queue answers, so a typo stops the worker at once."""
+    """Raise QueueUnusable unless the queue can be read, so a typo stops the worker at once."""
     try:
         await sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])
     except ClientError as error:
@@ -192,7 +192,7 @@ async def _check_queue(sqs: Any, queue_url: str) -> None:
 
 async def run_worker(settings: Settings, queue_url: str, *, concurrency: int, wait_seconds: int) -> None:
     """Run a worker until SIGTERM or SIGINT, then finish the messages in flight."""
-    # A long poll holds the connection for wait_seconds before SQS answers.
+    # A long poll keeps the connection open for wait_seconds before SQS responds.
     config = AioConfig(
         connect_timeout=settings.s3_connect_timeout,
         read_timeout=wait_seconds + settings.s3_read_timeout,

@@ -25,7 +25,7 @@ from proxy.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
 # Real photographs from Debian's mate-backgrounds, installed by scripts/test when
-# it runs as root. The photo that ships in images/ stands in without it.
+# it runs as root. Without it, the tests use the photo in images/.
 MATE_NATURE = Path("/usr/share/backgrounds/mate/nature")
 EMBEDDED_PHOTO = REPO / "images" / "original" / "nature" / "ladybird.jpg"
 

@@ -411,7 +411,7 @@ def test_function_role_actions_minimal(resources):
 
 
 def test_function_role_lists_without_condition(resources):
-    # With an s3:prefix condition, S3 answers a HEAD of a deleted source with 403,
+    # With an s3:prefix condition, S3 returns 403 for a HEAD of a deleted source,
     # so every delete event would fail.
     [policy] = resources["ResizeFunctionRole"]["Properties"]["Policies"]
     [listing] = [s for s in policy["PolicyDocument"]["Statement"] if s["Action"] == "s3:ListBucket"]

@@ -44,7 +44,7 @@ def test_narrow_image_not_enlarged(settings):
 
 
 def test_exif_orientation_applied(settings):
-    # A landscape image whose EXIF says "rotate 90° clockwise" must come out portrait.
+    # A landscape image whose EXIF orientation is "rotate 90° clockwise" must come out portrait.
     landscape = pyvips.Image.new_from_buffer(make_image(800, 400), "").copy()
     landscape.set_type(pyvips.GValue.gint_type, "orientation", 6)
     source = landscape.jpegsave_buffer(Q=90)

@@ -41,7 +41,7 @@ class Store(abc.ABC):
     """Objects addressed by key, as in S3.
 
     Every method raises StoreFailed (502) or StoreTimedOut (504) when the store
-    cannot answer. A missing key is not an error: `get` and `head` return None.
+    fails or cannot be reached. A missing key is not an error: `get` and `head` return None.
     """
 
     @abc.abstractmethod
@@ -74,7 +74,7 @@ class Store(abc.ABC):
     @property
     @abc.abstractmethod
     def description(self) -> str:
-        """Where the store is, for logs and messages: `s3://bucket` or a folder."""
+        """Return the store location for logs and messages: `s3://bucket` or a folder."""
 
     async def close(self) -> None:
         """Release connections. The store is unusable afterwards."""
