@@ -8,6 +8,8 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import metrics
+
 logger = logging.getLogger(__name__)
 
 # An incoming request id is kept, so a line can be matched with the edge cache's
@@ -65,6 +67,8 @@ class AccessLogMiddleware:
                 # never shows a status that the client did not get.
                 status = message["status"]
                 return
+            if message["type"] == "http.response.body":
+                metrics.BYTES_OUT.inc(len(message.get("body", b"")))
             await send(message)
 
         try:
@@ -84,6 +88,7 @@ class AccessLogMiddleware:
                 await send_tracked(INTERNAL_ERROR_BODY)
         finally:
             duration_ms = (time.perf_counter() - started) * 1000
+            _count(scope, status, state.get("layer"))
             logger.log(
                 logging.WARNING if status >= 500 else logging.INFO,
                 "request id=%s method=%s path=%s status=%d duration_ms=%.1f layer=%s error=%s",
@@ -114,3 +119,12 @@ def _raw_path(scope: Scope) -> str:
     if raw_path is None:
         return repr(scope["path"])
     return raw_path.decode("latin-1")
+
+
+def _count(scope: Scope, status: int, layer: str | None) -> None:
+    app_state = getattr(scope.get("app"), "state", None)
+    settings = getattr(app_state, "settings", None)
+    variant_prefix = settings.variant_prefix if settings is not None else "r/"
+    metrics.REQUESTS.labels(metrics.route_of(scope["path"], variant_prefix), str(status)).inc()
+    if layer in ("memory", "store", "generated"):
+        metrics.VARIANTS_SERVED.labels(layer).inc()

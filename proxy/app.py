@@ -7,12 +7,14 @@ from datetime import datetime, timezone
 from email.utils import format_datetime, parsedate_to_datetime
 from urllib.parse import quote
 
+import pyvips
 from fastapi import FastAPI, Request, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import PlainTextResponse
 
 from .access_log import AccessLogMiddleware
-from .errors import Overloaded, ProxyError, Unauthorized
+from . import metrics
+from .errors import Overloaded, ProxyError, StoreFailed, StoreTimedOut, Unauthorized
 from .event_endpoint import receive_events
 from .paths import parse_variant_path
 from .preview import serve_preview
@@ -39,11 +41,15 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
             app.state.store, settings, app.state.variants.executor, app.state.variants
         )
         logger.info(
-            "resize-proxy started store=%s widths=%s threads=%d",
+            "resize-proxy started store=%s widths=%s threads=%d libvips=%s",
             app.state.store.description,
             ",".join(map(str, settings.widths)),
             settings.thread_count,
+            ".".join(str(pyvips.version(part)) for part in range(3)),
         )
+        missing = missing_operations()
+        if missing:
+            logger.warning("libvips lacks %s; sources or outputs in those formats will fail", ", ".join(missing))
         try:
             yield
         finally:
@@ -65,6 +71,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
 
     app.add_api_route("/healthz", healthz, methods=["GET", "HEAD"])
     app.add_api_route("/readyz", readyz, methods=["GET", "HEAD"])
+    app.add_api_route("/metrics", metrics.serve_metrics, methods=["GET"])
     app.add_api_route("/events/s3", receive_events, methods=["POST"])
     # With PROXY_VARIANT_PREFIX=preview/ the variants keep the path, and there is no preview page.
     if not settings.variant_prefix.startswith("preview/"):
@@ -77,9 +84,31 @@ async def healthz() -> PlainTextResponse:
     return PlainTextResponse("ok\n", headers={"Cache-Control": "no-store"})
 
 
+# libvips operations that serving needs: a loader per source format, a saver per
+# output format. HEIC is not here: pyvips-binary reads HEIC headers but cannot decode them.
+REQUIRED_OPERATIONS = (
+    "jpegload_buffer", "pngload_buffer", "webpload_buffer", "gifload_buffer",
+    "tiffload_buffer", "heifload_buffer", "svgload_buffer",
+    "jpegsave_buffer", "pngsave_buffer", "webpsave_buffer", "heifsave_buffer",
+)
+
+
+def missing_operations() -> list[str]:
+    """List the libvips operations in REQUIRED_OPERATIONS that this libvips lacks."""
+    return [name for name in REQUIRED_OPERATIONS if pyvips.type_find("VipsOperation", name) == 0]
+
+
 async def readyz(request: Request) -> PlainTextResponse:
+    """Report ready when the store is reachable and libvips has every format."""
+    missing = missing_operations()
+    if missing:
+        return PlainTextResponse(
+            f"not ready: libvips lacks {', '.join(missing)}; install pyvips-binary or a full libvips\n",
+            status_code=503,
+            headers={"Cache-Control": "no-store"},
+        )
     await request.app.state.store.check()
-    return PlainTextResponse("ready\n", headers={"Cache-Control": "no-store"})
+    return PlainTextResponse("ready: store reachable, image formats loaded\n", headers={"Cache-Control": "no-store"})
 
 
 async def serve_variant(request: Request) -> Response:
@@ -166,6 +195,10 @@ async def _error_response(request: Request, error: Exception) -> Response:
     headers = {"Cache-Control": cache_control}
     if isinstance(error, Overloaded):
         headers["Retry-After"] = str(error.retry_after)
+    if isinstance(error, StoreFailed):
+        metrics.STORE_ERRORS.labels("failed").inc()
+    if isinstance(error, StoreTimedOut):
+        metrics.STORE_ERRORS.labels("timeout").inc()
     if isinstance(error, Unauthorized):
         headers["WWW-Authenticate"] = 'Bearer, Basic realm="resize-proxy events"'
         headers["Cache-Control"] = "no-store"

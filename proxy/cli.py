@@ -123,7 +123,7 @@ def _int_in_range(low: int, high: int | None = None) -> Callable[[str], int]:
 
 
 def _configure_logging(settings: Settings) -> None:
-    logging.config.dictConfig(log_config(settings.log_level))
+    logging.config.dictConfig(log_config(settings.log_level, settings.log_format))
 
 
 def _warm(args: argparse.Namespace, settings: Settings) -> int:
@@ -233,7 +233,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
             host=args.host,
             port=args.port,
             workers=args.workers,
-            log_config=log_config(settings.log_level),
+            log_config=log_config(settings.log_level, settings.log_format),
             access_log=False,
             server_header=False,
         )
@@ -244,16 +244,17 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def log_config(level: str) -> dict[str, Any]:
+def log_config(level: str, log_format: str = "text") -> dict[str, Any]:
     """Logging set-up for uvicorn, which applies it in every worker process too."""
     return {
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {
-            "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+            "text": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+            "json": {"()": "proxy.logs.JsonFormatter"},
         },
         "handlers": {
-            "stderr": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"},
+            "stderr": {"class": "logging.StreamHandler", "formatter": log_format, "stream": "ext://sys.stderr"},
         },
         "root": {"handlers": ["stderr"], "level": level},
         "loggers": {

@@ -11,7 +11,7 @@ import os
 import re
 import unicodedata
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Literal, Annotated, Any
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -106,6 +106,8 @@ class Settings(BaseSettings):
     s3_max_attempts: int = Field(3, ge=1, le=10)
 
     log_level: str = "INFO"
+    # `text` for plain lines, or `json` for one JSON object per line.
+    log_format: Literal["text", "json"] = "text"
 
     @field_validator("event_token", mode="before")
     @classmethod

@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from typing import TypeVar
 
 from cachetools import TTLCache
 
-from . import imaging
+from . import imaging, metrics
 from .errors import NotFound, Overloaded, SourceTooLarge
 from .paths import SOURCE_EXTENSIONS, VariantRequest
 from .settings import Settings
@@ -105,16 +106,21 @@ class VariantService:
                 "PROXY_RESIZE_QUEUE; try again in a second"
             )
         self._generations += 1
+        metrics.GENERATIONS_IN_PROGRESS.inc()
+        started = time.perf_counter()
         try:
             source = await self._fetch_source(request)
+            metrics.BYTES_IN.inc(len(source.body))
             encoded = await self._run_in_pool(
                 imaging.make_variant, source.body, request.width, request.format, self.settings
             )
             stored = await self.store.put(
                 request.key, encoded.body, encoded.content_type, self.settings.cache_control
             )
+            metrics.GENERATION_SECONDS.observe(time.perf_counter() - started)
         finally:
             self._generations -= 1
+            metrics.GENERATIONS_IN_PROGRESS.dec()
 
         logger.info(
             "variant made key=%s source=%s width=%d height=%d bytes=%d",

@@ -1,5 +1,6 @@
 """End-to-end tests of `resize-proxy serve` with a real process, real HTTP and moto as S3."""
 
+import json
 import os
 import re
 import shutil
@@ -214,3 +215,16 @@ def test_serve_sigterm_exits_0(start_server, s3_server_env, tmp_path: Path) -> N
     assert status == 0, server.stderr()
     # The app's shutdown ran, so the store was closed before the exit.
     assert "resize-proxy stopped" in server.stderr()
+
+
+def test_serve_json_logs_parse(start_server, s3_server_env, tmp_path: Path) -> None:
+    server = start_server(tmp_path, {**s3_server_env, "PROXY_LOG_FORMAT": "json"})
+
+    httpx.get(f"{server.base_url}/r/a/b/absent-720.jpg", timeout=REQUEST_TIMEOUT)
+    server.terminate()
+
+    entries = [json.loads(line) for line in server.stderr().splitlines() if line.startswith("{")]
+    requests = [entry for entry in entries if entry["logger"] == "proxy.access_log"]
+    assert requests
+    assert "status=404" in requests[-1]["message"]
+    assert all(entry["level"] in ("INFO", "WARNING", "ERROR") for entry in entries)

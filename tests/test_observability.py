@@ -1,0 +1,98 @@
+"""Health, readiness, Prometheus metrics and log formats."""
+
+import json
+import logging
+
+from conftest import make_image, running_app
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.cli import log_config
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Map (sample name, sorted labels) to value, from a Prometheus text page."""
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            values[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return values
+
+
+def value(page: dict, name: str, **labels: str) -> float:
+    return page.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def test_metrics_count_requests_layers_and_generations(s3, bucket, settings_for):
+    settings = settings_for(storage=f"s3://{bucket}")
+    s3.put_object(Bucket=bucket, Key="original/m.jpg", Body=make_image(800, 600))
+
+    async with running_app(settings) as client:
+        before = samples((await client.get("/metrics")).text)
+        await client.get("/r/m-360.jpg")
+        await client.get("/r/m-360.jpg")
+        await client.get("/r/missing-360.jpg")
+        after_response = await client.get("/metrics")
+        after = samples(after_response.text)
+
+    assert after_response.headers["content-type"].startswith("text/plain")
+
+    def grew(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert grew("resize_proxy_requests_total", route="variant", status="200") == 2
+    assert grew("resize_proxy_requests_total", route="variant", status="404") == 1
+    assert grew("resize_proxy_variants_served_total", layer="generated") == 1
+    assert grew("resize_proxy_variants_served_total", layer="memory") == 1
+    assert grew("resize_proxy_generation_seconds_count") == 1
+    assert grew("resize_proxy_source_bytes_total") > 0
+    assert grew("resize_proxy_response_bytes_total") > 0
+    assert value(after, "resize_proxy_generations_in_progress") == 0
+
+
+async def test_metrics_route_labels_bounded(s3, bucket, settings_for):
+    # Arbitrary paths must not create a metric series each.
+    settings = settings_for(storage=f"s3://{bucket}")
+
+    async with running_app(settings) as client:
+        for number in range(5):
+            await client.get(f"/unknown-{number}")
+        page = (await client.get("/metrics")).text
+
+    assert "unknown-" not in page
+    assert value(samples(page), "resize_proxy_requests_total", route="other", status="404") >= 5
+
+
+async def test_readyz_reports_store_and_formats(bucket, settings_for):
+    settings = settings_for(storage=f"s3://{bucket}")
+
+    async with running_app(settings) as client:
+        response = await client.get("/readyz")
+
+    assert response.status_code == 200
+    assert "formats loaded" in response.text
+
+
+async def test_readyz_fails_for_missing_bucket(aws_env, settings_for):
+    settings = settings_for(storage="s3://no-such-bucket-for-readyz")
+
+    async with running_app(settings) as client:
+        response = await client.get("/readyz")
+
+    assert response.status_code == 502
+    assert response.headers["cache-control"] == "no-store"
+
+
+def test_json_log_lines_parse():
+    config = log_config("INFO", "json")
+    formatter_class = config["formatters"]["json"]["()"]
+    module_name, _, class_name = formatter_class.rpartition(".")
+    formatter = getattr(__import__(module_name, fromlist=[class_name]), class_name)()
+    record = logging.LogRecord("proxy.access_log", logging.INFO, __file__, 1, "request id=%s\nforged", ("abc",), None)
+
+    line = formatter.format(record)
+    entry = json.loads(line)
+
+    assert "\n" not in line
+    assert entry["level"] == "INFO"
+    assert entry["logger"] == "proxy.access_log"
+    assert entry["message"] == "request id=abc\nforged"
