@@ -93,6 +93,13 @@ def _open_header(data: bytes) -> tuple[str, pyvips.Image]:
     source_format = LOADER_FORMATS.get(loader)
     if source_format is None:
         raise UnsupportedFormat(f"source format {loader.removesuffix('load_buffer')!r} is not supported")
+    if source_format == "heif" and header.get("heif-compression") == "hevc":
+        # libheif in pyvips-binary 8.18.7 reads HEIC headers but has no HEVC
+        # decoder, so the pixels would fail later with a misleading 422.
+        raise UnsupportedFormat(
+            "source format HEIC (HEVC-compressed HEIF) is not supported; "
+            "convert it to JPEG, PNG, WebP or AVIF and upload it again"
+        )
     return source_format, header
 
 
@@ -144,6 +151,11 @@ def make_variants(
     the smaller widths are resized from that decode. The results follow the order
     of `sizes`. A variant over its format's side limit raises UndecodableSource,
     or with `skip_oversized` is None in the results while the others are made.
+
+    Every variant is a still image. An animated GIF or WebP gives its first frame
+    in every output format, because libvips loads one page when no page count (`n`)
+    is passed. An SVG source is rasterised by librsvg, which runs no
+    `<script>` and draws no `<foreignObject>` content, and is never served as SVG.
     """
     source_format, header = _open_header(data)
     # The header alone gives the size, so an oversized image is rejected before
