@@ -17,7 +17,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from . import imaging
+from . import imaging, metrics
 from .errors import ProxyError, SourceTooLarge, StoreFailed
 from .events import CREATED, REMOVED, ObjectEvent, parse_document
 from .paths import MAX_KEY_BYTES, SOURCE_EXTENSIONS
@@ -125,6 +125,7 @@ class UploadHandler:
         started = time.perf_counter()
         outcome = await self._handle(event)
         duration_ms = (time.perf_counter() - started) * 1000
+        metrics.EVENTS.labels(outcome.result).inc()
         level = logging.WARNING if outcome.result == FAILED else logging.INFO
         logger.log(
             level,

@@ -96,3 +96,23 @@ def test_json_log_lines_parse():
     assert entry["level"] == "INFO"
     assert entry["logger"] == "proxy.access_log"
     assert entry["message"] == "request id=abc\nforged"
+
+
+async def test_metrics_count_events_by_result(s3, bucket, settings_for):
+    settings = settings_for(storage=f"s3://{bucket}", event_token="t0ken")
+    s3.put_object(Bucket=bucket, Key="original/e.jpg", Body=make_image(500, 300))
+    document = {
+        "Records": [
+            {"eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
+             "s3": {"bucket": {"name": bucket}, "object": {"key": key}}}
+            for key in ("original/e.jpg", "r/e-360.jpg")
+        ]
+    }
+
+    async with running_app(settings) as client:
+        before = samples((await client.get("/metrics")).text)
+        await client.post("/events/s3", json=document, headers={"Authorization": "Bearer t0ken"})
+        after = samples((await client.get("/metrics")).text)
+
+    assert value(after, "resize_proxy_events_total", result="made") - value(before, "resize_proxy_events_total", result="made") == 1
+    assert value(after, "resize_proxy_events_total", result="skipped") - value(before, "resize_proxy_events_total", result="skipped") == 1
