@@ -495,3 +495,23 @@ async def test_heic_415_and_not_stored(s3, bucket, s3_settings, heic):
     assert response.status_code == 415
     assert "HEIC" in response.text
     assert variant_keys(s3, bucket) == []
+
+
+def test_large_single_colour_png_processed(settings_for, tmp_path):
+    # 36 megapixels, under the default PROXY_MAX_PIXELS of 100 million.
+    source = pyvips.Image.black(6000, 6000).new_from_image([30, 120, 200]).copy(interpretation="srgb").pngsave_buffer()
+    settings = settings_for(storage=str(tmp_path))
+
+    result = imaging.make_variant(source, 720, "jpg", settings)
+
+    assert (result.width, result.height) == (720, 720)
+
+
+def test_large_png_over_pixel_limit_rejected(settings_for, tmp_path):
+    source = pyvips.Image.black(6000, 6000).new_from_image([30, 120, 200]).copy(interpretation="srgb").pngsave_buffer()
+    settings = settings_for(storage=str(tmp_path), max_pixels="30000000")
+
+    with pytest.raises(SourceTooLarge) as error:
+        imaging.make_variant(source, 720, "jpg", settings)
+
+    assert "6000×6000" in error.value.message

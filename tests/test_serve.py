@@ -1,5 +1,6 @@
 """End-to-end tests of `resize-proxy serve` with a real process, real HTTP and moto as S3."""
 
+import concurrent.futures
 import json
 import os
 import re
@@ -228,3 +229,35 @@ def test_serve_json_logs_parse(start_server, s3_server_env, tmp_path: Path) -> N
     assert requests
     assert "status=404" in requests[-1]["message"]
     assert all(entry["level"] in ("INFO", "WARNING", "ERROR") for entry in entries)
+
+
+def wait_for_generation(base_url: str) -> None:
+    """Wait until the server reports a variant in progress on /metrics."""
+    deadline = time.monotonic() + REQUEST_TIMEOUT
+    while time.monotonic() < deadline:
+        page = httpx.get(f"{base_url}/metrics", timeout=REQUEST_TIMEOUT).text
+        if re.search(r"^resize_proxy_generations_in_progress [1-9]", page, re.MULTILINE):
+            return
+        time.sleep(0.05)
+    pytest.fail(f"no variant was in progress within {REQUEST_TIMEOUT} s")
+
+
+def test_serve_sigterm_finishes_request_in_flight(
+    start_server, s3_server_env, tmp_path: Path, s3, bucket: str, photo: bytes
+) -> None:
+    # A 2200 px AVIF at effort 6 takes seconds to encode, so SIGTERM arrives while
+    # the request is in flight. The server must finish it before it exits.
+    s3.put_object(Bucket=bucket, Key="original/slow.jpg", Body=photo)
+    server = start_server(tmp_path, {**s3_server_env, "PROXY_AVIF_EFFORT": "6"})
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(httpx.get, f"{server.base_url}/r/slow-2200.avif", timeout=REQUEST_TIMEOUT)
+        wait_for_generation(server.base_url)
+        status = server.terminate()
+        response = pending.result()
+
+    log = server.stderr()
+    # uvicorn logs this only when a connection is still open at shutdown.
+    assert "Waiting for connections to close" in log
+    assert response.status_code == 200
+    assert decode(response.content).width == min(2200, decode(photo).width)
+    assert status == 0, log
