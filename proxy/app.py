@@ -37,6 +37,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.store = store or await open_store(settings)
         app.state.variants = VariantService(app.state.store, settings)
+        # Event documents being handled by POST /events/s3.
+        app.state.events_in_progress = 0
         app.state.uploads = UploadHandler(
             app.state.store, settings, app.state.variants.executor, app.state.variants
         )

@@ -13,7 +13,7 @@ from collections import Counter
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from .errors import InvalidRequest, NotFound, PayloadTooLarge, Unauthorized
+from .errors import InvalidRequest, NotFound, Overloaded, PayloadTooLarge, Unauthorized
 from .events import InvalidEvent, parse_document
 from .settings import Settings
 from .uploads import FAILED, UploadHandler
@@ -42,7 +42,19 @@ async def receive_events(request: Request) -> JSONResponse:
             f"{settings.event_max_records} (PROXY_EVENT_MAX_RECORDS); send fewer per request"
         )
 
-    outcomes = [await handler.handle(event) for event in events]
+    # Each document may make dozens of variants, so the documents handled at
+    # once are bounded; a sender that gets 503 retries later.
+    state = request.app.state
+    if state.events_in_progress >= settings.event_concurrency:
+        raise Overloaded(
+            f"{settings.event_concurrency} event documents are being handled, the limit of "
+            "PROXY_EVENT_CONCURRENCY; send this one again later"
+        )
+    state.events_in_progress += 1
+    try:
+        outcomes = [await handler.handle(event) for event in events]
+    finally:
+        state.events_in_progress -= 1
 
     counts = Counter(outcome.result for outcome in outcomes)
     summary = {

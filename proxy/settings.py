@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     # Largest event document accepted, in bytes, and most records in one.
     event_max_bytes: int = Field(1024 * 1024, ge=1024)
     event_max_records: int = Field(100, ge=1)
+    # Event documents handled at once per process; more get 503, which SNS and
+    # EventBridge retry later.
+    event_concurrency: int = Field(2, ge=1)
     # Serve the preview page at /preview/<source key>.
     preview: bool = True
 

@@ -1,5 +1,6 @@
 """`POST /events/s3` on moto's S3 server: authentication, limits and outcomes."""
 
+import asyncio
 import base64
 import json
 from urllib.parse import quote_plus
@@ -242,3 +243,39 @@ async def test_reupload_refreshes_memory_cache(s3, bucket, photo, event_settings
     assert after.status_code == 200
     assert after.content != before.content
     assert after.content == s3.get_object(Bucket=bucket, Key="r/p-360.jpg")["Body"].read()
+
+
+class GatedStore(CountingStore):
+    """Hold every variant write until `release` is set."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.release = asyncio.Event()
+        self.writing = asyncio.Event()
+
+    async def put(self, key, body, content_type, cache_control):
+        self.writing.set()
+        await self.release.wait()
+        return await super().put(key, body, content_type, cache_control)
+
+
+async def test_busy_endpoint_returns_503(s3, bucket, photo, settings_for):
+    settings = settings_for(storage=f"s3://{bucket}", event_token=TOKEN, event_concurrency="1")
+    s3.put_object(Bucket=bucket, Key="original/p.jpg", Body=photo)
+    store = GatedStore(await open_store(settings))
+
+    async with running_app(settings, store) as client:
+        first = asyncio.ensure_future(
+            client.post("/events/s3", json=s3_event(bucket, "original/p.jpg"), headers=bearer())
+        )
+        await asyncio.wait_for(store.writing.wait(), 30)
+        second = await client.post("/events/s3", json=s3_event(bucket, "original/p.jpg"), headers=bearer())
+        store.release.set()
+        first_response = await first
+        third = await client.post("/events/s3", json=s3_event(bucket, "original/p.jpg"), headers=bearer())
+
+    assert second.status_code == 503
+    assert second.headers["retry-after"] == "1"
+    assert "PROXY_EVENT_CONCURRENCY" in second.text
+    assert first_response.status_code == 200
+    assert third.status_code == 200
