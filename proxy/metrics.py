@@ -1,7 +1,7 @@
 """Prometheus metrics of the process, served at `GET /metrics`.
 
-Each process keeps its own counters, so with `serve --workers N` a scrape sees the
-worker that took the connection. Scrape each replica, and run one worker per
+Each process keeps its own counters, so with `serve --workers N` a scrape returns the
+counters of the worker that accepted the connection. Scrape each replica, and run one worker per
 container where per-process figures matter.
 """
 

@@ -43,7 +43,7 @@ def parse_variant_path(raw_path: bytes, settings: Settings) -> VariantRequest:
     Raises InvalidPath (400) for a malformed path and NotFound (404) for a width
     or format that is not offered.
     """
-    key = _decode_key(raw_path)
+    key = decode_key(raw_path)
 
     if not key.startswith(settings.variant_prefix):
         raise NotFound(f"{_show(key)} is not under the variant prefix {settings.variant_prefix!r}")
@@ -84,7 +84,7 @@ def parse_variant_path(raw_path: bytes, settings: Settings) -> VariantRequest:
     )
 
 
-def _decode_key(raw_path: bytes) -> str:
+def decode_key(raw_path: bytes) -> str:
     """Turn a raw URL path into a store key, rejecting anything that could escape it.
 
     The checks run on the decoded bytes, so `%2e%2e` and `%2F` are judged like `..`

@@ -19,7 +19,7 @@ from fastapi.responses import HTMLResponse
 
 from . import imaging
 from .errors import NotFound, Overloaded, SourceTooLarge, UnsupportedFormat
-from .paths import SOURCE_EXTENSIONS, _decode_key, parse_variant_path
+from .paths import SOURCE_EXTENSIONS, decode_key, parse_variant_path
 from .settings import Settings
 from .store.base import ObjectTooLarge, StoredObject
 from .variants import VariantService, choose_source
@@ -159,7 +159,7 @@ def _source_key(request: Request) -> str:
         raise NotFound(f"no source key; preview URLs look like /preview/{settings.source_prefix}<folders>/<name>.<ext>")
     # The checks of variant paths: 400 for `..`, `.` or empty segments, control
     # characters, backslashes, invalid UTF-8 and keys over 1024 bytes.
-    key = _decode_key(raw_path[len(ROUTE_PREFIX) :])
+    key = decode_key(raw_path[len(ROUTE_PREFIX) :])
 
     if not key.startswith(settings.source_prefix):
         raise NotFound(f"{_show(key)} is not under the source prefix {settings.source_prefix!r}")

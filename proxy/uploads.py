@@ -121,7 +121,11 @@ class UploadHandler:
         return [await self.handle(event) for event in parse_document(document)]
 
     async def handle(self, event: ObjectEvent) -> Outcome:
-        """Handle one event and log one line with its outcome. Never raises."""
+        """Handle one event and log one line with its outcome.
+
+        Any failure, unexpected errors included, becomes a FAILED Outcome; only
+        cancellation propagates.
+        """
         started = time.perf_counter()
         outcome = await self._handle(event)
         duration_ms = (time.perf_counter() - started) * 1000

@@ -4,6 +4,7 @@ Each test gets its own bucket, so tests can run in any order and in parallel
 (pytest-xdist starts one moto server per worker process).
 """
 
+import asyncio
 import contextlib
 import io
 import os
@@ -237,3 +238,17 @@ class CountingStore(Store):
 
     async def close(self):
         await self.inner.close()
+
+
+class GatedStore(CountingStore):
+    """Hold every write until `release` is set; `writing` is set when the first one waits."""
+
+    def __init__(self, inner: Store) -> None:
+        super().__init__(inner)
+        self.release = asyncio.Event()
+        self.writing = asyncio.Event()
+
+    async def put(self, key, body, content_type, cache_control):
+        self.writing.set()
+        await self.release.wait()
+        return await super().put(key, body, content_type, cache_control)

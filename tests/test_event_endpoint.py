@@ -6,7 +6,7 @@ import json
 from urllib.parse import quote_plus
 
 import pytest
-from conftest import CountingStore, decode, running_app
+from conftest import CountingStore, GatedStore, decode, running_app
 
 from proxy.store import open_store
 
@@ -243,20 +243,6 @@ async def test_reupload_refreshes_memory_cache(s3, bucket, photo, event_settings
     assert after.status_code == 200
     assert after.content != before.content
     assert after.content == s3.get_object(Bucket=bucket, Key="r/p-360.jpg")["Body"].read()
-
-
-class GatedStore(CountingStore):
-    """Hold every variant write until `release` is set."""
-
-    def __init__(self, inner):
-        super().__init__(inner)
-        self.release = asyncio.Event()
-        self.writing = asyncio.Event()
-
-    async def put(self, key, body, content_type, cache_control):
-        self.writing.set()
-        await self.release.wait()
-        return await super().put(key, body, content_type, cache_control)
 
 
 async def test_busy_endpoint_returns_503(s3, bucket, photo, settings_for):

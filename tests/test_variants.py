@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime, parsedate_to_datetime
 
 import pytest
-from conftest import CountingStore, decode, make_image, running_app
+from conftest import CountingStore, GatedStore, decode, make_image, running_app
 
 from proxy.store import open_store
 
@@ -587,20 +587,6 @@ async def test_same_stem_sources_chosen_by_extension(s3, bucket, settings_for):
     # Another format takes the first of jpg, jpeg, png, ... that exists.
     assert red_level(png_then_jpg[2]) > 230
     assert red_level(jpg_then_png[2]) > 230
-
-
-class GatedStore(CountingStore):
-    """Hold every variant write until `release` is set."""
-
-    def __init__(self, inner):
-        super().__init__(inner)
-        self.release = asyncio.Event()
-        self.writing = asyncio.Event()
-
-    async def put(self, key, body, content_type, cache_control):
-        self.writing.set()
-        await self.release.wait()
-        return await super().put(key, body, content_type, cache_control)
 
 
 async def test_full_resize_queue_returns_503(s3, bucket, settings_for):

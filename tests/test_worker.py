@@ -24,7 +24,7 @@ from urllib.parse import unquote_plus
 import aioboto3
 import boto3
 import pytest
-from conftest import FAKE_CREDENTIALS, REPO, CountingStore, decode, make_image
+from conftest import FAKE_CREDENTIALS, REPO, CountingStore, GatedStore, decode, make_image
 
 from proxy.errors import StoreFailed
 from proxy.settings import Settings
@@ -397,20 +397,6 @@ async def test_worker_missing_queue_stops_with_error(aws_env, s3_settings, proxy
     assert worker.fatal_error is not None
     assert "check --queue-url" in worker.fatal_error
     assert error_lines(proxy_logs, "proxy.worker", "cannot be read")
-
-
-class GatedStore(CountingStore):
-    """Hold every write until `release` is set, and tell when the first one waits."""
-
-    def __init__(self, inner):
-        super().__init__(inner)
-        self.release = asyncio.Event()
-        self.writing = asyncio.Event()
-
-    async def put(self, key, body, content_type, cache_control):
-        self.writing.set()
-        await self.release.wait()
-        return await super().put(key, body, content_type, cache_control)
 
 
 async def test_worker_stop_finishes_work_in_flight(s3, sqs, bucket, photo, s3_settings, make_queue):
