@@ -64,3 +64,9 @@ class Overloaded(ProxyError):
 
 class StoreTimedOut(ProxyError):
     status = 504
+
+
+class ProcessingTimedOut(ProxyError):
+    """Making a variant took longer than PROXY_PROCESSING_TIMEOUT and was stopped."""
+
+    status = 504

@@ -5,16 +5,48 @@ detect the source format, thumbnail with shrink-on-load to the width, convert th
 colour to 8-bit sRGB, flatten alpha for JPEG, and encode without metadata.
 """
 
+import ctypes
+import os
+import time
 from dataclasses import dataclass
 
 import pyvips
 
-from .errors import SourceTooLarge, UndecodableSource, UnsupportedFormat
+from .errors import ProcessingTimedOut, SourceTooLarge, UndecodableSource, UnsupportedFormat
 from .settings import Settings
 
 # libvips keeps recent operations and their pixels in a cache that a server
 # decoding different images on every request never reuses.
 pyvips.cache_set_max(0)
+
+# libvips keeps its default of one worker thread per core for each image
+# (VIPS_CONCURRENCY changes it). The AVIF encoder splits its work over these
+# threads: a 2200 px AVIF took 1.8 s with one thread and 1.0 s with two.
+
+# glibc's M_ARENA_MAX parameter of mallopt(3).
+M_ARENA_MAX = -8
+
+
+def limit_malloc_arenas(count: int = 2) -> bool:
+    """Cap glibc's malloc arenas at `count`, unless MALLOC_ARENA_MAX is set.
+
+    glibc gives each new thread an arena of its own, up to 8 per core, and memory
+    freed in one arena is not reused by the others. With several threads decoding
+    large images this multiplies the peak resident memory. Returns whether the
+    cap was set, which it is not with a C library other than glibc.
+    """
+    if "MALLOC_ARENA_MAX" in os.environ:
+        # glibc read the variable when the process started.
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_ARENA_MAX, count))
+    except (OSError, AttributeError):
+        return False
+
+
+# Before any resize thread allocates, so that every thread shares the arenas.
+limit_malloc_arenas()
 
 # Source formats by libvips loader, as detected from the bytes.
 LOADER_FORMATS = {
@@ -54,6 +86,41 @@ MAX_OUTPUT_SIDE = {"jpg": 65500, "webp": 16383, "avif": 16384, "png": 10_000_000
 # `thumbnail` fits a box, so an unreachable height makes the width the only limit.
 # libvips caps coordinates at 10,000,000.
 UNBOUNDED_HEIGHT = 10_000_000
+
+
+class _Deadline:
+    """Stop the libvips work on watched images once `seconds` have passed.
+
+    libvips reports progress while it computes pixels, and the handler marks the
+    image as killed when time is up, which ends the computation with an error.
+    Work that reports no progress, such as an AVIF encode after its pixels are
+    computed, runs to its end, and the deadline is checked after it.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds
+        self.expired = False
+
+    def watch(self, image: pyvips.Image) -> pyvips.Image:
+        image.set_progress(True)
+        image.signal_connect("eval", self._on_eval)
+        return image
+
+    def _on_eval(self, image: pyvips.Image, progress: object) -> None:
+        if time.monotonic() > self.end:
+            self.expired = True
+            image.set_kill(True)
+
+    def check(self) -> None:
+        if self.expired or time.monotonic() > self.end:
+            raise self.error()
+
+    def error(self) -> ProcessingTimedOut:
+        return ProcessingTimedOut(
+            f"making the variant timed out after {self.seconds:g} s (PROXY_PROCESSING_TIMEOUT) "
+            "and was stopped; raise PROXY_PROCESSING_TIMEOUT or upload a smaller source"
+        )
 
 
 @dataclass(frozen=True)
@@ -156,15 +223,25 @@ def make_variants(
     in every output format, because libvips loads one page when no page count (`n`)
     is passed. An SVG source is rasterised by librsvg, which runs no
     `<script>` and draws no `<foreignObject>` content, and is never served as SVG.
+
+    The work stops with ProcessingTimedOut after `settings.processing_timeout`
+    seconds, counted from the call.
     """
+    deadline = _Deadline(settings.processing_timeout)
     source_format, header = _open_header(data)
-    # The header alone gives the size, so an oversized image is rejected before
-    # any pixel is decoded.
+    # The header alone gives the size and the frame count, so an oversized image
+    # is rejected before any pixel is decoded.
     pixels = header.width * header.height
     if pixels > settings.max_pixels:
         raise SourceTooLarge(
             f"source is {header.width}×{header.height} pixels, over the limit of "
             f"{settings.max_pixels} (PROXY_MAX_PIXELS)"
+        )
+    frames = header.get("n-pages") if header.get_typeof("n-pages") != 0 else 1
+    if frames > settings.max_frames:
+        raise SourceTooLarge(
+            f"source has {frames} frames, over the limit of {settings.max_frames} "
+            "(PROXY_MAX_FRAMES); upload a still image or fewer frames"
         )
     possible = []
     for width, output_format in sizes:
@@ -182,25 +259,34 @@ def make_variants(
         if len(possible) > 1:
             # A libvips pipeline can be read once; keeping the decoded pixels in
             # memory lets every variant read them.
-            largest = largest.copy_memory()
-        return [
-            _make_one(largest, width, output_format, settings) if (width, output_format) in possible else None
-            for width, output_format in sizes
-        ]
+            largest = deadline.watch(largest).copy_memory()
+        results = []
+        for width, output_format in sizes:
+            deadline.check()
+            if (width, output_format) in possible:
+                results.append(_make_one(largest, width, output_format, settings, deadline))
+            else:
+                results.append(None)
+        deadline.check()
+        return results
     except pyvips.Error as error:
+        if deadline.expired:
+            raise deadline.error() from None
         raise UndecodableSource(
             f"{source_format} source could not be decoded ({_first_line(error)}); "
             "check that the file is complete and upload it again"
         ) from None
 
 
-def _make_one(largest: pyvips.Image, width: int, output_format: str, settings: Settings) -> EncodedImage:
+def _make_one(
+    largest: pyvips.Image, width: int, output_format: str, settings: Settings, deadline: _Deadline
+) -> EncodedImage:
     image = largest
     if width < largest.width:
         image = largest.thumbnail_image(width, height=UNBOUNDED_HEIGHT, size="down")
     if output_format == "jpg":
         image = _flatten(image, settings.background_rgb)
-    body = _encode(image, output_format, settings)
+    body = _encode(deadline.watch(image), output_format, settings)
     return EncodedImage(body, CONTENT_TYPES[output_format], image.width, image.height)
 
 

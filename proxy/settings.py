@@ -84,16 +84,22 @@ class Settings(BaseSettings):
     # 5 TiB, the largest S3 object, bounds the size so its byte count stays finite.
     max_source_mb: float = Field(50.0, gt=0, le=5 * 1024 * 1024, allow_inf_nan=False)
     max_pixels: int = Field(100_000_000, ge=1)
+    # Sources with more frames (pages) get 413. Variants are stills of the first
+    # frame; 1 rejects every animated source instead of making a still of it.
+    max_frames: int = Field(1000, ge=1)
+    # Seconds that libvips may work on one source's variants before it is stopped:
+    # 504 for a request, a failed record in upload-event mode.
+    processing_timeout: float = Field(20.0, gt=0, le=3600, allow_inf_nan=False)
 
     cache_control: str = "public, max-age=31536000, immutable"
     error_cache_control: str = "public, max-age=60"
 
     # Upper bound of the memory cache, counted in variant bytes. The limit of 1 PiB
     # is far above any memory size and keeps the byte count a finite integer.
+    memory_cache_mb: float = Field(128, ge=0, le=1024**3, allow_inf_nan=False)
     # Seconds a variant stays in the memory cache; a replaced variant can be
     # served from another process's memory cache for this long.
     memory_cache_ttl: float = Field(300.0, gt=0, le=86400, allow_inf_nan=False)
-    memory_cache_mb: float = Field(128, ge=0, le=1024**3, allow_inf_nan=False)
     # Seconds that a resolved source key, or the absence of a source, is remembered.
     lookup_ttl: float = Field(60.0, ge=0, allow_inf_nan=False)
     # Threads that decode and encode images; 0 means one per CPU core.

@@ -151,6 +151,11 @@ def test_formats_jpeg_becomes_jpg(settings_for, folder: str):
         ({"memory_cache_mb": "1e308"}, "PROXY_MEMORY_CACHE_MB", "'1e308'"),
         ({"s3_connect_timeout": "3601"}, "PROXY_S3_CONNECT_TIMEOUT", "'3601'"),
         ({"s3_read_timeout": "1e9"}, "PROXY_S3_READ_TIMEOUT", "'1e9'"),
+        ({"processing_timeout": "0"}, "PROXY_PROCESSING_TIMEOUT", "'0'"),
+        ({"processing_timeout": "3601"}, "PROXY_PROCESSING_TIMEOUT", "'3601'"),
+        ({"processing_timeout": "soon"}, "PROXY_PROCESSING_TIMEOUT", "'soon'"),
+        ({"max_frames": "0"}, "PROXY_MAX_FRAMES", "'0'"),
+        ({"max_frames": "1.5"}, "PROXY_MAX_FRAMES", "'1.5'"),
     ],
 )
 def test_invalid_value_message_names_it(settings_for, folder: str, variables: dict, variable: str, shown_value: str):
@@ -160,7 +165,14 @@ def test_invalid_value_message_names_it(settings_for, folder: str, variables: di
     assert shown_value in message
 
 
-FLOAT_SETTINGS = ["memory_cache_mb", "lookup_ttl", "max_source_mb", "s3_connect_timeout", "s3_read_timeout"]
+FLOAT_SETTINGS = [
+    "memory_cache_mb",
+    "lookup_ttl",
+    "max_source_mb",
+    "s3_connect_timeout",
+    "s3_read_timeout",
+    "processing_timeout",
+]
 
 
 @pytest.mark.parametrize("name", FLOAT_SETTINGS)
