@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import PlainTextResponse
 
 from .access_log import AccessLogMiddleware
-from . import metrics
+from . import imaging, metrics
 from .errors import Overloaded, ProxyError, StoreFailed, StoreTimedOut, Unauthorized
 from .event_endpoint import receive_events
 from .paths import parse_variant_path
@@ -43,11 +43,12 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
             app.state.store, settings, app.state.variants.executor, app.state.variants
         )
         logger.info(
-            "resize-proxy started store=%s widths=%s threads=%d libvips=%s",
+            "resize-proxy started store=%s widths=%s threads=%d libvips=%s sources=%s",
             app.state.store.description,
             ",".join(map(str, settings.widths)),
             settings.thread_count,
             ".".join(str(pyvips.version(part)) for part in range(3)),
+            ",".join(readable_formats()),
         )
         missing = missing_operations()
         if missing:
@@ -93,6 +94,19 @@ REQUIRED_OPERATIONS = (
     "tiffload_buffer", "heifload_buffer", "svgload_buffer",
     "jpegsave_buffer", "pngsave_buffer", "webpsave_buffer", "heifsave_buffer",
 )
+
+
+def readable_formats() -> list[str]:
+    """Name the source formats that this libvips can read.
+
+    HEIF is reported as AVIF, because HEVC-compressed HEIF (HEIC) cannot be
+    decoded with pyvips-binary.
+    """
+    return [
+        "avif" if source_format == "heif" else source_format
+        for loader, source_format in imaging.LOADER_FORMATS.items()
+        if pyvips.type_find("VipsOperation", loader) != 0
+    ]
 
 
 def missing_operations() -> list[str]:

@@ -6,6 +6,7 @@ import logging
 from conftest import make_image, running_app
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy import app as app_module
 from proxy.cli import log_config
 
 
@@ -70,6 +71,32 @@ async def test_readyz_reports_store_and_formats(bucket, settings_for):
 
     assert response.status_code == 200
     assert "formats loaded" in response.text
+
+
+async def test_start_up_reports_readable_formats(bucket, settings_for, caplog):
+    settings = settings_for(storage=f"s3://{bucket}")
+    caplog.set_level(logging.INFO, logger="proxy.app")
+
+    async with running_app(settings):
+        pass
+
+    started = [record.getMessage() for record in caplog.records if "resize-proxy started" in record.getMessage()]
+    assert len(started) == 1
+    assert "sources=jpeg,png,webp,gif,tiff,avif,svg" in started[0]
+
+
+async def test_missing_libvips_operation_warned_and_not_ready(bucket, settings_for, caplog, monkeypatch):
+    # A loader that no libvips build has stands in for one missing from this build.
+    monkeypatch.setattr(app_module, "REQUIRED_OPERATIONS", (*app_module.REQUIRED_OPERATIONS, "jxlload_nothere"))
+    settings = settings_for(storage=f"s3://{bucket}")
+
+    async with running_app(settings) as client:
+        response = await client.get("/readyz")
+
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert response.status_code == 503
+    assert "jxlload_nothere" in response.text
+    assert any("libvips lacks jxlload_nothere" in message for message in warnings)
 
 
 async def test_readyz_fails_for_missing_bucket(aws_env, settings_for):
