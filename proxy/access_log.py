@@ -6,6 +6,8 @@ import re
 import time
 import uuid
 
+from collections.abc import Awaitable, Callable
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import metrics
@@ -17,6 +19,10 @@ logger = logging.getLogger(__name__)
 MAX_REQUEST_ID_LENGTH = 64
 # Letters, digits and `._:-` only, so an id cannot add fields to a log line.
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]+")
+
+# Sends the whole response to the request in `scope` and returns True, or sends
+# nothing and returns False.
+FastPath = Callable[[Scope, Send], Awaitable[bool]]
 
 INTERNAL_ERROR_TEXT = b"internal error; the proxy logged the details\n"
 INTERNAL_ERROR_START: Message = {
@@ -38,10 +44,14 @@ class AccessLogMiddleware:
 
     Handlers add `layer` (memory, store or generated) and `error` to the request
     state; the level is INFO below 500 and WARNING from 500 up.
+
+    `fast_path`, when given, may answer a request before the app routes it, and
+    returns whether it did.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, fast_path: FastPath | None = None) -> None:
         self.app = app
+        self.fast_path = fast_path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -72,7 +82,8 @@ class AccessLogMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_tracked)
+            if self.fast_path is None or not await self.fast_path(scope, send_tracked):
+                await self.app(scope, receive, send_tracked)
         except asyncio.CancelledError:
             # The client went away before the response ended; nginx logs this as 499.
             status = 499

@@ -260,6 +260,11 @@ class Settings(BaseSettings):
         return [int(self.background[i : i + 2], 16) for i in (0, 2, 4)]
 
     @property
+    def variant_url_prefix(self) -> str:
+        """The URL path prefix of variants, for example `/r/`."""
+        return "/" + self.variant_prefix
+
+    @property
     def thread_count(self) -> int:
         return self.resize_threads or os.cpu_count() or 1
 

@@ -1,19 +1,21 @@
 """Find or make a variant: the memory cache, then the store, then the pipeline."""
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from email.utils import format_datetime
 from typing import TypeVar
 
-from cachetools import TTLCache
+from cachetools import LRUCache, TTLCache
 
 from . import imaging, metrics
 from .errors import NotFound, Overloaded, SourceTooLarge
-from .paths import SOURCE_EXTENSIONS, VariantRequest
+from .paths import SOURCE_EXTENSIONS, VariantRequest, parse_variant_path
 from .settings import Settings
 from .store import Store, StoredObject
 from .store.base import ObjectTooLarge, md5_etag
@@ -24,6 +26,8 @@ T = TypeVar("T")
 
 # Bytes counted for a memory cache entry besides its body.
 ENTRY_OVERHEAD = 512
+# Parsed URL paths remembered, because parsing is a large share of a hot hit.
+PARSED_PATHS = 10_000
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,8 @@ class Variant:
     last_modified: datetime
     # Layer that served this copy: `memory`, `store` or `generated`.
     layer: str
+    # Response headers of a 200, encoded once for the memory cache's fast path.
+    headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
 class VariantService:
@@ -59,6 +65,11 @@ class VariantService:
         self.source_keys: TTLCache[str, tuple[str, ...]] = TTLCache(
             maxsize=100_000, ttl=settings.lookup_ttl or 1e-9
         )
+        # Variant extension to whether the last source found for it had that
+        # extension too, which decides whether a lookup starts with a GET.
+        self.own_extension_found: dict[str, bool] = {}
+        # Raw URL paths of recent requests and what they parsed to.
+        self.parsed_paths: LRUCache[bytes, VariantRequest] = LRUCache(maxsize=PARSED_PATHS)
         self.executor = ThreadPoolExecutor(
             max_workers=settings.thread_count, thread_name_prefix="resize"
         )
@@ -66,6 +77,21 @@ class VariantService:
         self._source_flights: dict[str, asyncio.Future[StoredObject]] = {}
         # Generations admitted and not yet finished, at most PROXY_RESIZE_QUEUE.
         self._generations = 0
+
+    def parse(self, raw_path: bytes) -> VariantRequest:
+        """Parse a raw variant URL path, remembering the result for the next request.
+
+        Raises what `parse_variant_path` raises. Only valid paths are remembered,
+        so a flood of distinct bad paths cannot fill the memory.
+        """
+        request = self.parsed_paths.get(raw_path)
+        if request is None:
+            request = parse_variant_path(raw_path, self.settings)
+            self.parsed_paths[raw_path] = request
+        return request
+
+    def key_of(self, raw_path: bytes) -> str:
+        return self.parse(raw_path).key
 
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)
@@ -80,7 +106,7 @@ class VariantService:
         variant = self.memory.get(key)
         if variant is None:
             return None
-        return Variant(variant.key, variant.body, variant.content_type, variant.etag, variant.last_modified, "memory")
+        return dataclasses.replace(variant, layer="memory")
 
     async def get(self, request: VariantRequest) -> Variant:
         """Return the variant, making and storing it if the store lacks it.
@@ -135,17 +161,24 @@ class VariantService:
 
     async def _fetch_source_once(self, request: VariantRequest) -> StoredObject:
         base = request.source_base
+        own_key = f"{base}.{request.ext}"
         candidates = self.source_keys.get(base)
         if candidates is None:
-            # A source with the variant's own extension wins, so trying it first
-            # saves the listing whenever the names match.
-            source = await self._get_source(f"{base}.{request.ext}")
-            if source is not None:
-                return source
+            # A source with the variant's own extension wins, so one GET of it
+            # saves the listing whenever the names match. Where the last source
+            # found for this extension had another one, as with `.webp` variants
+            # of `.jpg` sources, the GET would miss, and the listing comes first.
+            if self.own_extension_found.get(request.ext, True):
+                source = await self._get_source(own_key)
+                if source is not None:
+                    self.own_extension_found[request.ext] = True
+                    return source
             candidates = tuple(await self.store.list_keys(base + "."))
             self.source_keys[base] = candidates
 
         key = choose_source(candidates, base, request.ext)
+        if key is not None:
+            self.own_extension_found[request.ext] = key == own_key
         source = await self._get_source(key) if key is not None else None
         if source is None:
             # Listed but deleted since: look again on the next request.
@@ -169,14 +202,16 @@ class VariantService:
         return await loop.run_in_executor(self.executor, function, *args)
 
     def _remember(self, stored: StoredObject, layer: str) -> Variant:
-        variant = Variant(
-            key=stored.key,
-            body=stored.body,
-            content_type=stored.content_type,
-            etag=stored.etag or md5_etag(stored.body),
-            last_modified=stored.last_modified or datetime.now(timezone.utc),
-            layer=layer,
+        etag = stored.etag or md5_etag(stored.body)
+        last_modified = stored.last_modified or datetime.now(timezone.utc)
+        headers = (
+            (b"content-type", stored.content_type.encode("latin-1")),
+            (b"content-length", str(len(stored.body)).encode()),
+            (b"etag", etag.encode("latin-1")),
+            (b"last-modified", format_datetime(last_modified, usegmt=True).encode()),
+            (b"cache-control", self.settings.cache_control.encode()),
         )
+        variant = Variant(stored.key, stored.body, stored.content_type, etag, last_modified, layer, headers)
         if self.memory.maxsize > 0:
             try:
                 self.memory[variant.key] = variant

@@ -1,6 +1,8 @@
 """The request path end to end: moto's S3 server over HTTP, real libvips, real photos."""
 
 import asyncio
+import logging
+import re
 import resource
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime, parsedate_to_datetime
@@ -9,6 +11,7 @@ import pytest
 from conftest import CountingStore, GatedStore, decode, make_image, running_app
 
 from proxy.store import open_store
+from proxy.variants import VariantService
 
 
 @pytest.fixture
@@ -219,6 +222,68 @@ async def test_hot_variant_served_from_memory(s3, bucket, photo, s3_settings):
     assert second.status_code == 200
     assert second.content == first.content
     assert len(counting.calls) == calls_after_first
+
+
+def memory_hits(metrics_page: str) -> float:
+    match = re.search(r'^resize_proxy_variants_served_total\{layer="memory"\} (\S+)$', metrics_page, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+RESPONSE_HEADERS = ("content-type", "content-length", "etag", "last-modified", "cache-control")
+
+
+async def test_memory_hit_skips_routing_same_headers(s3, bucket, photo, s3_settings, monkeypatch):
+    s3.put_object(Bucket=bucket, Key="original/a/b/photo.jpg", Body=photo)
+    routed = []
+    original = VariantService.cached
+    monkeypatch.setattr(VariantService, "cached", lambda self, key: routed.append(key) or original(self, key))
+
+    async with running_app(s3_settings) as client:
+        first = await client.get("/r/a/b/photo-720.jpg")
+        routed_before = len(routed)
+        second = await client.get("/r/a/b/photo-720.jpg?width=9999")
+        head = await client.head("/r/a/b/photo-720.jpg")
+
+    # Only the first request went through the router, which consults the cache.
+    assert routed_before > 0
+    assert len(routed) == routed_before
+    assert second.status_code == 200
+    assert second.content == first.content
+    assert [second.headers[name] for name in RESPONSE_HEADERS] == [first.headers[name] for name in RESPONSE_HEADERS]
+    assert second.headers["x-request-id"] != first.headers["x-request-id"]
+    assert head.status_code == 200
+    assert head.content == b""
+    assert head.headers["content-length"] == first.headers["content-length"]
+
+
+async def test_memory_hit_logged_and_counted(s3, bucket, photo, s3_settings, caplog):
+    s3.put_object(Bucket=bucket, Key="original/a/b/photo.jpg", Body=photo)
+    caplog.set_level(logging.INFO, logger="proxy.access_log")
+
+    async with running_app(s3_settings) as client:
+        await client.get("/r/a/b/photo-720.jpg")
+        before = memory_hits((await client.get("/metrics")).text)
+        hit = await client.get("/r/a/b/photo-720.jpg")
+        after = memory_hits((await client.get("/metrics")).text)
+
+    lines = [record.getMessage() for record in caplog.records if record.name == "proxy.access_log"]
+    hit_line = next(line for line in lines if f"id={hit.headers['x-request-id']}" in line)
+    assert "method=GET path=/r/a/b/photo-720.jpg status=200" in hit_line
+    assert "layer=memory" in hit_line
+    # The counters belong to the test process, which other tests share.
+    assert after - before == 1
+
+
+async def test_conditional_memory_hit_takes_full_path(s3, bucket, photo, s3_settings):
+    s3.put_object(Bucket=bucket, Key="original/a/b/photo.jpg", Body=photo)
+    async with running_app(s3_settings) as client:
+        first = await client.get("/r/a/b/photo-720.jpg")
+        other = await client.get("/r/a/b/photo-720.jpg", headers={"If-None-Match": '"other"'})
+        same = await client.get("/r/a/b/photo-720.jpg", headers={"if-none-match": first.headers["etag"]})
+
+    assert other.status_code == 200
+    assert other.content == first.content
+    assert same.status_code == 304
 
 
 async def test_if_none_match_returns_304(s3, bucket, photo, s3_settings):
@@ -561,6 +626,45 @@ async def test_variant_path_never_names_variant_source(s3, bucket, photo, settin
     assert "variant prefix" in nested.text
     assert variant_keys(s3, bucket) == ["r/p-720.jpg"]
 
+
+
+async def test_other_extension_lookup_lists_without_get(s3, bucket, s3_settings):
+    for name in ("one", "two", "three"):
+        s3.put_object(Bucket=bucket, Key=f"original/{name}.jpg", Body=make_image(400, 300))
+    counting = CountingStore(await open_store(s3_settings))
+
+    async with running_app(s3_settings, counting) as client:
+        first = await client.get("/r/one-360.webp")
+        calls_after_first = list(counting.calls)
+        second = await client.get("/r/two-360.webp")
+        same_extension = await client.get("/r/three-360.jpg")
+
+    assert [first.status_code, second.status_code, same_extension.status_code] == [200, 200, 200]
+    # The first lookup tries original/one.webp, then lists.
+    assert ("get", "original/one.webp") in calls_after_first
+    assert ("list", "original/one.") in calls_after_first
+    # Having found a .jpg for a .webp variant, the next lookup lists first.
+    assert counting.count("get", "original/two.webp") == 0
+    assert counting.count("list", "original/two.") == 1
+    assert counting.count("get", "original/two.jpg") == 1
+    # A .jpg variant still tries its own extension first, with no listing.
+    assert counting.count("get", "original/three.jpg") == 1
+    assert counting.count("list", "original/three.") == 0
+
+
+async def test_listing_first_still_prefers_own_extension(s3, bucket, s3_settings):
+    s3.put_object(Bucket=bucket, Key="original/a.jpg", Body=make_image(400, 300))
+    s3.put_object(Bucket=bucket, Key="original/b.jpg", Body=make_image(400, 300))
+    s3.put_object(Bucket=bucket, Key="original/b.webp", Body=make_image(200, 100, ".webp"))
+
+    async with running_app(s3_settings) as client:
+        await client.get("/r/a-360.webp")
+        response = await client.get("/r/b-360.webp")
+        uses_own = client.app.state.variants.own_extension_found["webp"]
+
+    # b.webp (200 px wide) wins over b.jpg (400 px wide), as without the listing first.
+    assert decode(response.content).width == 200
+    assert uses_own is True
 
 
 async def test_same_stem_sources_chosen_by_extension(s3, bucket, settings_for):
