@@ -5,9 +5,11 @@ detect the source format, thumbnail with shrink-on-load to the width, convert th
 colour to 8-bit sRGB, flatten alpha for JPEG, and encode without metadata.
 """
 
+import contextlib
 import ctypes
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyvips
@@ -227,6 +229,32 @@ def make_variants(
     The work stops with ProcessingTimedOut after `settings.processing_timeout`
     seconds, counted from the call.
     """
+    decoded = decode_source(data, sizes, settings, skip_oversized=skip_oversized)
+    return [
+        encode_variant(decoded, width, output_format, settings) if (width, output_format) in decoded.sizes else None
+        for width, output_format in sizes
+    ]
+
+
+@dataclass(frozen=True)
+class DecodedSource:
+    """A source decoded once, at the largest width of `sizes`, for `encode_variant`."""
+
+    image: pyvips.Image | None
+    source_format: str
+    # The requested sizes that can be made; oversized ones are left out.
+    sizes: tuple[tuple[int, str], ...]
+    deadline: _Deadline
+
+
+def decode_source(
+    data: bytes, sizes: list[tuple[int, str]], settings: Settings, *, skip_oversized: bool = False
+) -> DecodedSource:
+    """Decode `data` for the variants in `sizes`, with the checks of `make_variants`.
+
+    With more than one size the pixels are kept in memory, and `encode_variant`
+    may then run for several sizes at once in different threads.
+    """
     deadline = _Deadline(settings.processing_timeout)
     source_format, header = _open_header(data)
     # The header alone gives the size and the frame count, so an oversized image
@@ -252,23 +280,32 @@ def make_variants(
             if not skip_oversized:
                 raise
     if not possible:
-        return [None] * len(sizes)
-    try:
+        return DecodedSource(None, source_format, (), deadline)
+    with _pipeline_errors(source_format, deadline):
         largest = _thumbnail(data, max(width for width, _ in possible), source_format)
         largest = _to_srgb(largest)
         if len(possible) > 1:
             # A libvips pipeline can be read once; keeping the decoded pixels in
             # memory lets every variant read them.
             largest = deadline.watch(largest).copy_memory()
-        results = []
-        for width, output_format in sizes:
-            deadline.check()
-            if (width, output_format) in possible:
-                results.append(_make_one(largest, width, output_format, settings, deadline))
-            else:
-                results.append(None)
-        deadline.check()
-        return results
+    return DecodedSource(largest, source_format, tuple(possible), deadline)
+
+
+def encode_variant(decoded: DecodedSource, width: int, output_format: str, settings: Settings) -> EncodedImage:
+    """Resize a decoded source to `width` and encode it; the size must be in `decoded.sizes`."""
+    assert decoded.image is not None and (width, output_format) in decoded.sizes
+    decoded.deadline.check()
+    with _pipeline_errors(decoded.source_format, decoded.deadline):
+        encoded = _make_one(decoded.image, width, output_format, settings, decoded.deadline)
+    decoded.deadline.check()
+    return encoded
+
+
+@contextlib.contextmanager
+def _pipeline_errors(source_format: str, deadline: _Deadline) -> Iterator[None]:
+    """Turn a libvips failure into ProcessingTimedOut or UndecodableSource."""
+    try:
+        yield
     except pyvips.Error as error:
         if deadline.expired:
             raise deadline.error() from None

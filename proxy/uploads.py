@@ -15,7 +15,7 @@ import unicodedata
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from . import imaging, metrics
 from .errors import ProxyError, SourceTooLarge, StoreFailed
@@ -25,6 +25,8 @@ from .settings import OUTPUT_FORMATS, Settings
 from .store import Store, open_store
 from .store.base import ObjectTooLarge, StoredObject
 from .variants import VariantService, choose_source
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -254,8 +256,17 @@ class UploadHandler:
     ) -> tuple[list[str], list[str]]:
         """Make and store the variants; return the keys written and those skipped."""
         loop = asyncio.get_running_loop()
-        make = functools.partial(imaging.make_variants, skip_oversized=True)
-        images = await loop.run_in_executor(self.executor, make, stored.body, sizes, self.settings)
+        decode = functools.partial(imaging.decode_source, skip_oversized=True)
+        decoded = await loop.run_in_executor(self.executor, decode, stored.body, sizes, self.settings)
+        # The encodes share the decoded pixels and run in parallel on the resize
+        # threads. The costliest start first, so that the threads end together.
+        order = sorted(decoded.sizes, key=_encode_cost, reverse=True)
+        encodes = [
+            loop.run_in_executor(self.executor, imaging.encode_variant, decoded, width, fmt, self.settings)
+            for width, fmt in order
+        ]
+        encoded = dict(zip(order, await _gather_all(encodes), strict=True))
+        images = [encoded.get(size) for size in sizes]
 
         written, skipped, writes = [], [], []
         for (width, fmt), image in zip(sizes, images, strict=True):
@@ -339,6 +350,28 @@ async def _gather_bounded(operations: list[Any]) -> None:
     for result in results:
         if isinstance(result, BaseException):
             raise result
+
+
+async def _gather_all(tasks: list["asyncio.Future[T]"]) -> list[T]:
+    """Await every task, even when one fails, and raise the first error after all end.
+
+    The encodes run in threads that cannot be stopped, so waiting for all of them
+    keeps a failed upload from leaving work behind that the next one competes with.
+    """
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results
+
+
+def _encode_cost(size: tuple[int, str]) -> float:
+    """Estimate the relative time to encode a variant, to order the encodes."""
+    width, output_format = size
+    # Measured on a 24-megapixel photo at 2200 px: WebP took about five times as
+    # long as JPEG, and AVIF at effort 2 longer still.
+    factor = {"jpg": 1.0, "png": 2.0, "webp": 5.0, "avif": 10.0}.get(output_format, 1.0)
+    return width * width * factor
 
 
 @contextlib.asynccontextmanager

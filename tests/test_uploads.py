@@ -2,6 +2,8 @@
 
 import json
 import logging
+import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -11,6 +13,7 @@ import pytest
 from conftest import CountingStore, decode, make_image
 from event_documents import AWKWARD_KEYS, ENVELOPES, s3_notification, s3_record
 
+from proxy import imaging
 from proxy.store import open_store
 from proxy.uploads import DELETED, FAILED, MADE, SKIPPED, UploadHandler, open_upload_handler, source_of
 from proxy.variants import Variant, VariantService
@@ -119,6 +122,34 @@ async def test_created_photo_variants_lack_exif(s3, bucket, photo, uploads):
         fields = decode(body).get_fields()
         assert [name for name in fields if name.startswith(("exif-", "xmp-", "iptc-"))] == [], key
         assert b"TestCamera" not in body, key
+
+
+async def test_upload_encodes_run_in_parallel(s3, bucket, photo, uploads, monkeypatch):
+    running = []
+    most_at_once = []
+    lock = threading.Lock()
+    encode = imaging.encode_variant
+
+    def tracked(*args):
+        with lock:
+            running.append(1)
+            most_at_once.append(len(running))
+        # Long enough that the two resize threads of the fixture overlap.
+        time.sleep(0.05)
+        try:
+            return encode(*args)
+        finally:
+            with lock:
+                running.pop()
+
+    monkeypatch.setattr(imaging, "encode_variant", tracked)
+
+    outcomes = await make_photo_variants(s3, bucket, photo, uploads)
+
+    assert [outcome.result for outcome in outcomes] == [MADE]
+    assert len(most_at_once) == 8
+    assert max(most_at_once) == 2
+    assert variant_keys(s3, bucket) == expected_keys("trips/photo")
 
 
 async def test_same_event_twice_same_bytes(s3, bucket, photo, uploads):
