@@ -23,8 +23,13 @@ ALL_SIZES = [(width, fmt) for width in (360, 720, 1200, 2200) for fmt in ("jpg",
 
 
 def large_png() -> bytes:
-    """A 6000×6000 single-colour PNG: under 1 MB, but 36 megapixels to decode."""
-    return pyvips.Image.black(6000, 6000).new_from_image([30, 120, 200]).copy(interpretation="srgb").pngsave_buffer()
+    """A 9000×9000 single-colour PNG: about 1 MB, but 81 megapixels to decode.
+
+    On a busy 2-core machine, a variant of it took about 0.5 s and one of a
+    64×32 image 6 ms, so a deadline of 0.1 s stops the first and lets the
+    second through.
+    """
+    return pyvips.Image.black(9000, 9000).new_from_image([30, 120, 200]).copy(interpretation="srgb").pngsave_buffer()
 
 
 def frames_gif(count: int) -> bytes:
@@ -98,7 +103,7 @@ def test_deadline_checked_between_variants(settings_for, tmp_path, monkeypatch):
 
 
 async def test_request_past_deadline_504_and_not_stored(s3, bucket, settings_for):
-    settings = settings_for(storage=f"s3://{bucket}", processing_timeout="0.05")
+    settings = settings_for(storage=f"s3://{bucket}", processing_timeout="0.1")
     s3.put_object(Bucket=bucket, Key="original/large.png", Body=large_png())
     s3.put_object(Bucket=bucket, Key="original/small.png", Body=make_image(64, 32, ".png"))
 
@@ -117,7 +122,7 @@ async def test_request_past_deadline_504_and_not_stored(s3, bucket, settings_for
 
 
 async def test_upload_past_deadline_fails_without_writes(s3, bucket, settings_for):
-    settings = settings_for(storage=f"s3://{bucket}", processing_timeout="0.05")
+    settings = settings_for(storage=f"s3://{bucket}", processing_timeout="0.1")
     s3.put_object(Bucket=bucket, Key="original/large.png", Body=large_png())
     store = CountingStore(await open_store(settings))
     try:
@@ -134,7 +139,7 @@ async def test_upload_past_deadline_fails_without_writes(s3, bucket, settings_fo
 
 
 async def test_preview_past_deadline_504(s3, bucket, settings_for):
-    settings = settings_for(storage=f"s3://{bucket}", processing_timeout="0.05")
+    settings = settings_for(storage=f"s3://{bucket}", processing_timeout="0.1")
     s3.put_object(Bucket=bucket, Key="original/large.png", Body=large_png())
 
     async with running_app(settings) as client:
