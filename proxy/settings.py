@@ -37,6 +37,10 @@ ENV_PREFIX = "PROXY_"
 logger = logging.getLogger(__name__)
 
 
+# Characters of a valid event token: printable ASCII, no space.
+TOKEN = re.compile(r"[\x21-\x7e]+")
+
+
 class SettingsError(ValueError):
     """A setting has an invalid value. The message is meant for the operator."""
 
@@ -89,7 +93,7 @@ class Settings(BaseSettings):
     max_frames: int = Field(1000, ge=1)
     # Seconds that libvips may work on one source's variants before it is stopped:
     # 504 for a request, a failed record in upload-event mode.
-    processing_timeout: float = Field(20.0, gt=0, le=3600, allow_inf_nan=False)
+    processing_timeout: float = Field(20.0, ge=0.01, le=3600, allow_inf_nan=False)
 
     cache_control: str = "public, max-age=31536000, immutable"
     error_cache_control: str = "public, max-age=60"
@@ -103,7 +107,7 @@ class Settings(BaseSettings):
     # Seconds that a resolved source key, or the absence of a source, is remembered.
     lookup_ttl: float = Field(60.0, ge=0, allow_inf_nan=False)
     # Threads that decode and encode images; 0 means one per CPU core.
-    resize_threads: int = Field(0, ge=0)
+    resize_threads: int = Field(0, ge=0, le=1024)
     # Variants being made at once per process, running or waiting for a thread;
     # a request past this gets 503 with Retry-After.
     resize_queue: int = Field(32, ge=1)
@@ -125,7 +129,12 @@ class Settings(BaseSettings):
         if isinstance(value, str) and not value.strip():
             return None
         # A Bearer header cannot carry surrounding spaces, so they are dropped.
-        return value.strip() if isinstance(value, str) else value
+        token = value.strip() if isinstance(value, str) else value
+        # HTTP headers carry bytes that are not ASCII inconsistently, and an
+        # environment variable may hold bytes that are not UTF-8 at all.
+        if isinstance(token, str) and not TOKEN.fullmatch(token):
+            raise ValueError("the token must be printable ASCII without spaces; generate one with `openssl rand -hex 32`")
+        return token
 
     @field_validator("widths", "formats", mode="before")
     @classmethod
@@ -343,12 +352,17 @@ def _describe(error: ValidationError) -> str:
     for problem in error.errors():
         message = problem["msg"].removeprefix("Value error, ")
         if problem["loc"]:
-            variable = ENV_PREFIX + str(problem["loc"][0]).upper()
-            value = problem.get("input")
-            lines.append(f"invalid {variable}={_show(value)}: {message}")
+            name = str(problem["loc"][0])
+            variable = ENV_PREFIX + name.upper()
+            shown = "(hidden)" if name in SECRET_SETTINGS else _show(problem.get("input"))
+            lines.append(f"invalid {variable}={shown}: {message}")
         else:
             lines.append(f"invalid settings: {message}")
     return "\n".join(lines)
+
+
+# Secrets are never shown in an error message.
+SECRET_SETTINGS = {"event_token"}
 
 
 def _show(value: Any) -> str:

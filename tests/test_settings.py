@@ -154,6 +154,8 @@ def test_formats_jpeg_becomes_jpg(settings_for, folder: str):
         ({"processing_timeout": "0"}, "PROXY_PROCESSING_TIMEOUT", "'0'"),
         ({"processing_timeout": "3601"}, "PROXY_PROCESSING_TIMEOUT", "'3601'"),
         ({"processing_timeout": "soon"}, "PROXY_PROCESSING_TIMEOUT", "'soon'"),
+        ({"processing_timeout": "1e-9"}, "PROXY_PROCESSING_TIMEOUT", "'1e-9'"),
+        ({"resize_threads": "100000"}, "PROXY_RESIZE_THREADS", "'100000'"),
         ({"max_frames": "0"}, "PROXY_MAX_FRAMES", "'0'"),
         ({"max_frames": "1.5"}, "PROXY_MAX_FRAMES", "'1.5'"),
     ],
@@ -462,3 +464,20 @@ def test_serve_invalid_widths_exits_cleanly(tmp_path: Path):
     assert "abc" in result.stderr
     assert "Traceback" not in result.stderr
     assert "serving" not in result.stderr
+
+
+@pytest.mark.parametrize("token", ["tökén-secret", "secret\udcff\udcfe", "two words", "tab\tinside"])
+def test_event_token_not_ascii_rejected_unshown(settings_for, folder: str, token: str):
+    message = settings_error(settings_for, storage=folder, event_token=token)
+
+    assert "PROXY_EVENT_TOKEN=(hidden)" in message
+    assert "printable ASCII" in message
+    assert "secret" not in message
+    assert "words" not in message
+
+
+def test_event_token_printable_ascii_accepted(settings_for, folder: str):
+    settings = settings_for(storage=folder, event_token="  a-Z_0.9~!$%&'()*+,;=:@/?  ")
+
+    assert settings.event_token is not None
+    assert settings.event_token.get_secret_value() == "a-Z_0.9~!$%&'()*+,;=:@/?"
