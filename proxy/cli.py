@@ -222,10 +222,18 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         base_url = f"http://{_url_host(args.host)}:{args.port}"
-        print(f"resize-proxy: serving {settings.storage} on {base_url}/", file=sys.stderr)
+        lines = [f"serving {settings.storage} on {base_url}/"]
         example = _example_path(settings)
         if example:
-            print(f"resize-proxy: open {base_url}/{example}", file=sys.stderr)
+            lines.append(f"open {base_url}/{example}")
+        if settings.log_format == "json":
+            # Every line on standard error is then JSON, for log collectors.
+            _configure_logging(settings)
+            for line in lines:
+                logger.info("%s", line)
+        else:
+            for line in lines:
+                print(f"resize-proxy: {line}", file=sys.stderr)
 
         uvicorn.run(
             "proxy.app:create_app",

@@ -224,8 +224,10 @@ def test_serve_json_logs_parse(start_server, s3_server_env, tmp_path: Path) -> N
     httpx.get(f"{server.base_url}/r/a/b/absent-720.jpg", timeout=REQUEST_TIMEOUT)
     server.terminate()
 
-    entries = [json.loads(line) for line in server.stderr().splitlines() if line.startswith("{")]
+    # Every line is JSON, the start-up lines included.
+    entries = [json.loads(line) for line in server.stderr().splitlines() if line.strip()]
     requests = [entry for entry in entries if entry["logger"] == "proxy.access_log"]
+    assert any(entry["message"].startswith("serving s3://") for entry in entries)
     assert requests
     assert "status=404" in requests[-1]["message"]
     assert all(entry["level"] in ("INFO", "WARNING", "ERROR") for entry in entries)
@@ -250,7 +252,9 @@ def test_serve_sigterm_finishes_request_in_flight(
     # loaded machine still finishes it within REQUEST_TIMEOUT. The server must
     # finish it before it exits.
     s3.put_object(Bucket=bucket, Key="original/slow.jpg", Body=photo)
-    server = start_server(tmp_path, {**s3_server_env, "PROXY_AVIF_EFFORT": "5"})
+    # The processing deadline is raised so that a slow machine still finishes it.
+    environment = {**s3_server_env, "PROXY_AVIF_EFFORT": "5", "PROXY_PROCESSING_TIMEOUT": "300"}
+    server = start_server(tmp_path, environment)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(httpx.get, f"{server.base_url}/r/slow-1200.avif", timeout=REQUEST_TIMEOUT)
         wait_for_generation(server.base_url)
