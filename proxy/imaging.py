@@ -181,6 +181,11 @@ def _signature_format(data: bytes) -> str | None:
         return "webp"
     if data[4:8] == b"ftyp" and data[8:12] in HEIF_BRANDS:
         return "heif"
+    # SVG is text: an XML declaration or comment, or the root element, after any
+    # byte order mark and white space.
+    text = data[:1024].removeprefix(b"\xef\xbb\xbf").lstrip()
+    if text.startswith((b"<?xml", b"<!--", b"<!DOCTYPE svg", b"<svg")) and b"<svg" in data[:4096]:
+        return "svg"
     return None
 
 

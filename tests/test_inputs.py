@@ -515,3 +515,27 @@ def test_large_png_over_pixel_limit_rejected(settings_for, tmp_path):
         imaging.make_variant(source, 720, "jpg", settings)
 
     assert "6000×6000" in error.value.message
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        pytest.param(b'<svg xmlns="http://www.w3.org/2000/svg" width="0" height="0"></svg>', id="zero-size"),
+        pytest.param(b'<svg xmlns="http://www.w3.org/2000/svg" width="100" height="100"><rect wid', id="cut"),
+        pytest.param(
+            b'<?xml version="1.0"?><!DOCTYPE svg [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
+            b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><text>&x;</text></svg>',
+            id="external-entity",
+        ),
+    ],
+)
+def test_broken_svg_undecodable(settings, source):
+    with pytest.raises(UndecodableSource) as error:
+        imaging.make_variant(source, 360, "png", settings)
+
+    assert error.value.message.startswith("svg source could not be decoded")
+
+
+def test_html_not_taken_for_svg(settings):
+    with pytest.raises(UnsupportedFormat):
+        imaging.make_variant(b"<html><body><svg></svg></body></html>", 360, "png", settings)
