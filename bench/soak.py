@@ -108,7 +108,9 @@ async def main() -> int:
         for number in range(args.sources):
             (store / "original" / "soak" / f"p{number:04d}.jpg").symlink_to(args.photo.resolve())
         port = free_port()
-        env = {**os.environ, "PROXY_STORAGE": str(store), "PROXY_LOG_LEVEL": "WARNING", "MALLOC_ARENA_MAX": "2"}
+        # MALLOC_ARENA_MAX is left out, so that the proxy's own arena cap is what runs.
+        env = {name: value for name, value in os.environ.items() if name != "MALLOC_ARENA_MAX"}
+        env.update({"PROXY_STORAGE": str(store), "PROXY_LOG_LEVEL": "WARNING"})
         server = subprocess.Popen(
             [sys.executable, "-m", "proxy", "serve", "--host", "127.0.0.1", "--port", str(port)],
             env=env,
@@ -126,7 +128,11 @@ async def main() -> int:
             samples: list[tuple[float, int]] = []
             stop = asyncio.Event()
             sampler = asyncio.create_task(sample_memory(server.pid, samples, stop))
+            started = time.monotonic()
             ok, failed, latencies = await load(base_url, args.sources, args.concurrency, args.duration)
+            # Requests in flight at the end of the duration still finish, so
+            # the rate is over the time until the last one did.
+            elapsed = time.monotonic() - started
             stop.set()
             await sampler
         finally:
@@ -137,7 +143,7 @@ async def main() -> int:
     middle, last = trend(samples)
     latencies.sort()
     print(f"photo: {args.photo.name}; concurrency {args.concurrency}; {args.duration:g} s")
-    print(f"requests: {ok} ok, {failed} failed, {ok / args.duration:.1f} variants/s")
+    print(f"requests: {ok} ok, {failed} failed in {elapsed:.0f} s, {ok / elapsed:.2f} variants/s")
     if latencies:
         p50 = latencies[len(latencies) // 2]
         p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
