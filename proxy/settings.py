@@ -354,8 +354,8 @@ def _describe(error: ValidationError) -> str:
         if problem["loc"]:
             name = str(problem["loc"][0])
             variable = ENV_PREFIX + name.upper()
-            shown = "(hidden)" if name in SECRET_SETTINGS else _show(problem.get("input"))
-            lines.append(f"invalid {variable}={shown}: {message}")
+            value = "(hidden)" if name in SECRET_SETTINGS else _show(problem.get("input"))
+            lines.append(f"invalid {variable}={value}: {message}")
         else:
             lines.append(f"invalid settings: {message}")
     return "\n".join(lines)

@@ -39,6 +39,16 @@ def frames_gif(count: int) -> bytes:
     return pillow_bytes(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
 
 
+async def handle_created(store, settings, bucket: str, key: str) -> list:
+    """Handle an ObjectCreated event for `key` with one resize thread, then close `store`."""
+    document = json.dumps(s3_notification(s3_record(bucket, key)))
+    try:
+        with ThreadPoolExecutor(max_workers=1) as executor:
+            return await UploadHandler(store, settings, executor).handle_document(document)
+    finally:
+        await store.close()
+
+
 @pytest.fixture
 def kills(monkeypatch) -> list[bool]:
     """Record every call of `pyvips.Image.set_kill`, which stops a computation."""
@@ -130,13 +140,7 @@ async def test_upload_past_deadline_fails_without_writes(s3, bucket, settings_fo
     settings = settings_for(storage=f"s3://{bucket}", processing_timeout="0.1")
     s3.put_object(Bucket=bucket, Key="original/large.png", Body=large_png())
     store = CountingStore(await open_store(settings))
-    try:
-        with ThreadPoolExecutor(max_workers=1) as executor:
-            handler = UploadHandler(store, settings, executor)
-            document = json.dumps(s3_notification(s3_record(bucket, "original/large.png")))
-            outcomes = await handler.handle_document(document)
-    finally:
-        await store.close()
+    outcomes = await handle_created(store, settings, bucket, "original/large.png")
 
     assert [outcome.result for outcome in outcomes] == [FAILED]
     assert "PROXY_PROCESSING_TIMEOUT" in outcomes[0].reason
@@ -203,14 +207,7 @@ async def test_animation_over_frame_cap_413_and_not_stored(s3, bucket, settings_
 async def test_upload_within_frame_cap_made(s3, bucket, settings_for):
     settings = settings_for(storage=f"s3://{bucket}", max_frames="3")
     s3.put_object(Bucket=bucket, Key="original/short.gif", Body=frames_gif(3))
-    store = await open_store(settings)
-    try:
-        with ThreadPoolExecutor(max_workers=1) as executor:
-            handler = UploadHandler(store, settings, executor)
-            document = json.dumps(s3_notification(s3_record(bucket, "original/short.gif")))
-            outcomes = await handler.handle_document(document)
-    finally:
-        await store.close()
+    outcomes = await handle_created(await open_store(settings), settings, bucket, "original/short.gif")
 
     assert [outcome.result for outcome in outcomes] == [MADE]
 

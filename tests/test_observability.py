@@ -86,7 +86,7 @@ async def test_start_up_reports_readable_formats(bucket, settings_for, caplog):
 
 
 async def test_missing_libvips_operation_warned_and_not_ready(bucket, settings_for, caplog, monkeypatch):
-    # A loader that no libvips build has stands in for one missing from this build.
+    # A loader that no libvips build has plays the part of one missing from this build.
     monkeypatch.setattr(app_module, "REQUIRED_OPERATIONS", (*app_module.REQUIRED_OPERATIONS, "jxlload_nothere"))
     settings = settings_for(storage=f"s3://{bucket}")
 

@@ -126,14 +126,14 @@ async def test_created_photo_variants_lack_exif(s3, bucket, photo, uploads):
 
 async def test_upload_encodes_run_in_parallel(s3, bucket, photo, uploads, monkeypatch):
     running = []
-    most_at_once = []
+    running_counts = []
     lock = threading.Lock()
     encode = imaging.encode_variant
 
     def tracked(*args):
         with lock:
             running.append(1)
-            most_at_once.append(len(running))
+            running_counts.append(len(running))
         # Long enough that the two resize threads of the fixture overlap.
         time.sleep(0.05)
         try:
@@ -147,8 +147,8 @@ async def test_upload_encodes_run_in_parallel(s3, bucket, photo, uploads, monkey
     outcomes = await make_photo_variants(s3, bucket, photo, uploads)
 
     assert [outcome.result for outcome in outcomes] == [MADE]
-    assert len(most_at_once) == 8
-    assert max(most_at_once) == 2
+    assert len(running_counts) == 8
+    assert max(running_counts) == 2
     assert variant_keys(s3, bucket) == expected_keys("trips/photo")
 
 
