@@ -11,10 +11,10 @@ import pyvips
 from fastapi import FastAPI, Request, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import PlainTextResponse
-from starlette.types import Scope, Send
+from starlette.types import Receive, Scope, Send
 
-from .access_log import AccessLogMiddleware
-from . import imaging, metrics
+from .access_log import AccessLogMiddleware, send_logged
+from . import imaging, logs, metrics
 from .errors import Overloaded, ProxyError, StoreFailed, StoreTimedOut, Unauthorized
 from .event_endpoint import receive_events
 from .paths import parse_variant_path
@@ -27,6 +27,28 @@ from .variants import Variant, VariantService
 logger = logging.getLogger(__name__)
 
 
+class ProxyApp(FastAPI):
+    """The FastAPI app, serving memory-cache hits before its middleware and routing.
+
+    Most requests that reach the proxy are hot hits. On this 2-core machine, with
+    wrk on the same cores, the middleware and routing held the proxy to a third of
+    the rate of a bare ASGI app returning the same bytes.
+    """
+
+    # Set while the lifespan runs: the variant URL prefix and the service whose
+    # memory cache serves hot hits.
+    hot_hits: tuple[str, VariantService] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.hot_hits is not None:
+            variant = memory_hit(scope, *self.hot_hits)
+            if variant is not None:
+                body = b"" if scope["method"] == "HEAD" else variant.body
+                await send_logged(scope, send, variant.headers, body, "memory", self.hot_hits[1].settings.variant_prefix)
+                return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None, store: Store | None = None) -> FastAPI:
     """Build the app. Without arguments, settings come from the environment.
 
@@ -35,9 +57,10 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     settings = settings or load_settings()
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: ProxyApp) -> AsyncIterator[None]:
         app.state.store = store or await open_store(settings)
         app.state.variants = VariantService(app.state.store, settings)
+        app.hot_hits = (settings.variant_url_prefix, app.state.variants)
         # Event documents being handled by POST /events/s3.
         app.state.events_in_progress = 0
         app.state.uploads = UploadHandler(
@@ -57,11 +80,12 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         try:
             yield
         finally:
+            app.hot_hits = None
             app.state.variants.close()
             await app.state.store.close()
             logger.info("resize-proxy stopped")
 
-    app = FastAPI(
+    app = ProxyApp(
         title="resize-proxy",
         lifespan=lifespan,
         docs_url=None,
@@ -69,7 +93,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         openapi_url=None,
     )
     app.state.settings = settings
-    app.add_middleware(AccessLogMiddleware, fast_path=serve_from_memory)
+    app.add_middleware(AccessLogMiddleware, variant_prefix=settings.variant_prefix)
     app.add_exception_handler(ProxyError, _error_response)
     app.add_exception_handler(StarletteHTTPException, _routing_error_response)
 
@@ -82,6 +106,12 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         app.add_api_route("/preview/{key:path}", serve_preview, methods=["GET", "HEAD"])
     app.add_api_route("/{path:path}", serve_variant, methods=["GET", "HEAD"])
     return app
+
+
+def serve_app() -> FastAPI:
+    """Build the app as `resize-proxy serve` runs it, in each worker process."""
+    logs.lean_log_records()
+    return create_app()
 
 
 async def healthz() -> PlainTextResponse:
@@ -132,36 +162,28 @@ async def readyz(request: Request) -> PlainTextResponse:
 CONDITIONAL_HEADERS = (b"if-none-match", b"if-modified-since")
 
 
-async def serve_from_memory(scope: Scope, send: Send) -> bool:
-    """Send a variant from the memory cache without routing, and return whether one was sent.
+def memory_hit(scope: Scope, url_prefix: str, variants: VariantService) -> Variant | None:
+    """Return the variant in the memory cache that serves this request, if there is one.
 
-    Most requests that reach the proxy are hot hits. Measured in process, one took
-    1.6 ms through FastAPI's routing and 0.56 ms here, log line included. The
-    response is the one `serve_variant` gives for the same request. Anything else
+    The response made from it is the one `serve_variant` gives. Anything else
     (another method or route, a conditional request, a path that does not parse,
-    a miss) returns False with nothing sent, and takes the full path.
+    a miss) returns None and takes the full path.
     """
-    if scope["method"] not in ("GET", "HEAD"):
-        return False
-    state = scope["app"].state
-    settings: Settings = state.settings
-    if not scope["path"].startswith(settings.variant_url_prefix):
-        return False
-    if any(name in CONDITIONAL_HEADERS for name, _ in scope["headers"]):
-        return False
+    if scope["method"] not in ("GET", "HEAD") or not scope["path"].startswith(url_prefix):
+        return None
+    for name, _ in scope["headers"]:
+        if name in CONDITIONAL_HEADERS:
+            return None
     raw_path = scope.get("raw_path") or quote(scope["path"]).encode()
-    variants: VariantService = state.variants
     try:
         key = variants.key_of(raw_path)
     except ProxyError:
-        return False
-    variant = variants.memory.get(key)
-    if variant is None:
-        return False
-    await send({"type": "http.response.start", "status": 200, "headers": list(variant.headers)})
-    await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else variant.body})
-    scope["state"]["layer"] = "memory"
-    return True
+        return None
+    # Indexing skips the sweep of expired entries that `get` makes on every call.
+    try:
+        return variants.memory[key]
+    except KeyError:
+        return None
 
 
 async def serve_variant(request: Request) -> Response:

@@ -236,7 +236,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
                 print(f"resize-proxy: {line}", file=sys.stderr)
 
         uvicorn.run(
-            "proxy.app:create_app",
+            "proxy.app:serve_app",
             factory=True,
             host=args.host,
             port=args.port,
@@ -258,7 +258,7 @@ def log_config(level: str, log_format: str = "text") -> dict[str, Any]:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {
-            "text": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+            "text": {"()": "proxy.logs.TextFormatter"},
             "json": {"()": "proxy.logs.JsonFormatter"},
         },
         "handlers": {

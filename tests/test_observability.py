@@ -2,12 +2,17 @@
 
 import json
 import logging
+import os
+import re
+import sys
 
 from conftest import make_image, running_app
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy import access_log
 from proxy import app as app_module
 from proxy.cli import log_config
+from proxy.logs import TextFormatter
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -143,3 +148,44 @@ async def test_metrics_count_events_by_result(s3, bucket, settings_for):
 
     assert value(after, "resize_proxy_events_total", result="made") - value(before, "resize_proxy_events_total", result="made") == 1
     assert value(after, "resize_proxy_events_total", result="skipped") - value(before, "resize_proxy_events_total", result="skipped") == 1
+
+
+def test_text_formatter_same_lines_as_standard_formatter():
+    standard = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    fast = TextFormatter()
+
+    def record(created: float, exc_info=None) -> logging.LogRecord:
+        made = logging.LogRecord("proxy.x", logging.WARNING, __file__, 1, "value=%s", ("a b",), exc_info)
+        made.created = created
+        made.msecs = int((created - int(created)) * 1000) + 0.0
+        return made
+
+    # The second changes between lines, then stays for two lines with other milliseconds.
+    for created in (1764900000.0, 1764900001.25, 1764900001.999, 1764899999.5):
+        assert fast.format(record(created)) == standard.format(record(created))
+    try:
+        raise ValueError("broken")
+    except ValueError:
+        error = sys.exc_info()
+    assert fast.format(record(1764900002.5, error)) == standard.format(record(1764900002.5, error))
+    assert fast.format(record(1764900002.5, error)).endswith("ValueError: broken")
+
+
+def test_request_ids_unique_and_new_prefix_after_fork():
+    ids = {access_log._request_id({"headers": []}) for _ in range(1000)}
+    assert len(ids) == 1000
+    assert all(re.fullmatch(r"[0-9a-f]{32}", request_id) for request_id in ids)
+
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.write(write_end, access_log._request_id({"headers": []}).encode())
+        os._exit(0)
+    os.waitpid(child, 0)
+    child_id = os.read(read_end, 64).decode()
+    os.close(read_end)
+    os.close(write_end)
+    parent_id = access_log._request_id({"headers": []})
+    # The counter part may match; the per-process part must not.
+    assert re.fullmatch(r"[0-9a-f]{32}", child_id)
+    assert child_id[:24] != parent_id[:24]

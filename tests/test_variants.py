@@ -256,6 +256,32 @@ async def test_memory_hit_skips_routing_same_headers(s3, bucket, photo, s3_setti
     assert head.headers["content-length"] == first.headers["content-length"]
 
 
+async def test_memory_hit_answered_before_middleware(s3, bucket, photo, s3_settings):
+    s3.put_object(Bucket=bucket, Key="original/a/b/photo.jpg", Body=photo)
+    through_middleware = []
+
+    class Recorder:
+        def __init__(self, app):
+            self.app = app
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] == "http":
+                through_middleware.append((scope["method"], scope["path"]))
+            await self.app(scope, receive, send)
+
+    async with running_app(s3_settings) as client:
+        client.app.add_middleware(Recorder)
+        first = await client.get("/r/a/b/photo-720.jpg")
+        hit = await client.get("/r/a/b/photo-720.jpg")
+        head = await client.head("/r/a/b/photo-720.jpg")
+        conditional = await client.get("/r/a/b/photo-720.jpg", headers={"If-None-Match": first.headers["etag"]})
+
+    assert [first.status_code, hit.status_code, head.status_code, conditional.status_code] == [200, 200, 200, 304]
+    assert hit.content == first.content
+    # Only the miss and the conditional request went through the middleware.
+    assert through_middleware == [("GET", "/r/a/b/photo-720.jpg")] * 2
+
+
 async def test_memory_hit_logged_and_counted(s3, bucket, photo, s3_settings, caplog):
     s3.put_object(Bucket=bucket, Key="original/a/b/photo.jpg", Body=photo)
     caplog.set_level(logging.INFO, logger="proxy.access_log")
