@@ -1,6 +1,7 @@
 """The libvips pipeline on generated images and a real photograph."""
 
 import io
+import math
 
 import pytest
 import pyvips
@@ -219,3 +220,63 @@ def test_variant_over_webp_limit_rejected(settings):
     assert "16383" in error.value.message
     assert "360×18000" in error.value.message
     assert (jpeg.width, jpeg.height) == (360, 18000)
+
+
+def test_several_jpeg_widths_use_scaled_decode(photo, settings, monkeypatch):
+    source = decode(photo)
+    shrinks = []
+    original = pyvips.Image.new_from_buffer
+
+    def recording(data, options, **kwargs):
+        shrinks.append(kwargs.get("shrink"))
+        return original(data, options, **kwargs)
+
+    monkeypatch.setattr(pyvips.Image, "new_from_buffer", recording)
+    width = source.width // 2 - 1
+
+    results = imaging.make_variants(photo, [(width, "jpg"), (width // 3, "webp")], settings)
+
+    # libjpeg decodes at 1/2 scale, the coarsest that is still wide enough.
+    assert 2 in shrinks
+    assert [result.width for result in results] == [width, width // 3]
+
+
+def test_scaled_decode_close_to_single_thumbnail(photo, settings):
+    width = decode(photo).width // 2 - 1
+
+    together = imaging.make_variants(photo, [(width, "png"), (360, "png")], settings)[0]
+    alone = imaging.make_variant(photo, width, "png", settings)
+
+    difference = decode(together.body).cast("float") - decode(alone.body).cast("float")
+    mean_squared_error = (difference * difference).avg()
+    assert (together.width, together.height) == (alone.width, alone.height)
+    # The decode at 1/2 scale replaces part of the Lanczos3 step, so some pixels
+    # differ; above 40 dB of PSNR the two cannot be told apart by eye.
+    assert 10 * math.log10(255**2 / mean_squared_error) > 40
+
+
+def test_several_widths_of_rotated_jpeg_upright(settings):
+    landscape = pyvips.Image.new_from_buffer(make_image(1600, 800), "").copy()
+    landscape.set_type(pyvips.GValue.gint_type, "orientation", 6)
+    source = landscape.jpegsave_buffer(Q=90)
+
+    results = imaging.make_variants(source, [(360, "jpg"), (180, "jpg")], settings)
+
+    assert [(result.width, result.height) for result in results] == [(360, 720), (180, 360)]
+
+
+def test_truncated_jpeg_rejected_for_several_widths(photo, settings):
+    truncated = photo[: len(photo) * 6 // 10]
+
+    with pytest.raises(UndecodableSource, match="jpeg source could not be decoded"):
+        imaging.make_variants(truncated, [(360, "jpg"), (720, "webp")], settings)
+
+
+def test_webp_effort_trades_time_for_size(photo, settings_for, tmp_path):
+    fast = settings_for(storage=str(tmp_path), webp_effort="0")
+    small = settings_for(storage=str(tmp_path), webp_effort="6")
+
+    fast_body = imaging.make_variant(photo, 720, "webp", fast).body
+    small_body = imaging.make_variant(photo, 720, "webp", small).body
+
+    assert len(small_body) < len(fast_body)
