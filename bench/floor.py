@@ -55,7 +55,9 @@ def load_jobs(path: Path) -> list[dict]:
     return jobs
 
 
-def make_variant(data: bytes, width: int, output_format: str, jpeg_quality: int, webp_quality: int) -> bytes:
+def make_variant(
+    data: bytes, width: int, output_format: str, jpeg_quality: int, webp_quality: int, webp_effort: int
+) -> bytes:
     """Resize one source to `width` and encode it as the proxy does for a single variant."""
     # size="down" never enlarges, so a narrower source keeps its own width.
     image = pyvips.Image.thumbnail_buffer(
@@ -73,7 +75,7 @@ def make_variant(data: bytes, width: int, output_format: str, jpeg_quality: int,
         if image.hasalpha():
             image = image.flatten(background=[WHITE] * (image.bands - 1))
         return image.jpegsave_buffer(Q=jpeg_quality, keep="none", optimize_coding=True)
-    return image.webpsave_buffer(Q=webp_quality, keep="none")
+    return image.webpsave_buffer(Q=webp_quality, effort=webp_effort, keep="none")
 
 
 def percentile(sorted_values: list[float], fraction: float) -> float:
@@ -81,7 +83,7 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * fraction))]
 
 
-def run(jobs: list[dict], concurrency: int, jpeg_quality: int, webp_quality: int) -> dict:
+def run(jobs: list[dict], concurrency: int, jpeg_quality: int, webp_quality: int, webp_effort: int) -> dict:
     """Run every job in a pool of `concurrency` threads and return the figures."""
     # Sources are read once before timing, so the figures contain no disk reads.
     sources = {job["source"]: Path(job["source"]).read_bytes() for job in jobs}
@@ -91,7 +93,9 @@ def run(jobs: list[dict], concurrency: int, jpeg_quality: int, webp_quality: int
         # waiting in the pool's queue is not counted.
         started = time.perf_counter()
         try:
-            make_variant(sources[job["source"]], job["width"], job["format"], jpeg_quality, webp_quality)
+            make_variant(
+                sources[job["source"]], job["width"], job["format"], jpeg_quality, webp_quality, webp_effort
+            )
         except pyvips.Error as error:
             detail = error.detail.strip().splitlines()[0] if error.detail.strip() else error.message
             raise JobFailed(f"{job['source']} to {job['width']} px {job['format']}: {detail}") from None
@@ -129,6 +133,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=2, help="threads in the pool (default: %(default)s)")
     parser.add_argument("--jpeg-quality", type=int, default=90, help="JPEG Q (default: %(default)s)")
     parser.add_argument("--webp-quality", type=int, default=80, help="WebP Q (default: %(default)s)")
+    parser.add_argument("--webp-effort", type=int, default=2, help="WebP effort (default: %(default)s)")
     args = parser.parse_args()
     # Like the proxy, turn off the operation cache and keep libvips' default thread count.
     pyvips.cache_set_max(0)
@@ -141,7 +146,7 @@ def main() -> int:
         return 2
 
     try:
-        figures = run(jobs, args.concurrency, args.jpeg_quality, args.webp_quality)
+        figures = run(jobs, args.concurrency, args.jpeg_quality, args.webp_quality, args.webp_effort)
     except JobFailed as error:
         print(f"floor: libvips failed on {error}", file=sys.stderr)
         return 1
