@@ -682,7 +682,7 @@ def main() -> int:
         sources = prepare_sources(work)
         results["inputs"] = {kind: source.description for kind, source in sources.items()}
         if "cold" in sections:
-            results["cold_local"] = section_cold_local(work, sources, concurrencies, 1)
+            results["cold_local"] = section_cold_local(work, sources, concurrencies, 1 if args.quick else 2)
         if "s3" in sections:
             results["s3"] = section_s3(work, sources, [1, 4] if args.quick else concurrencies)
         if "upload" in sections:
