@@ -191,7 +191,7 @@ def _variant_urls(key: str, settings: Settings) -> list[tuple[str, str, int]]:
 async def _fetch_source(service: VariantService, key: str, settings: Settings) -> StoredObject:
     max_bytes = int(settings.max_source_mb * 1024 * 1024)
     try:
-        source = await service.store.get(key, max_bytes=max_bytes)
+        source = await service.store.get(key, max_bytes=max_bytes, need_etag=False)
     except ObjectTooLarge as error:
         raise SourceTooLarge(
             f"source {_show(key)} is {error.size} bytes, over the limit of "

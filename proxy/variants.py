@@ -190,7 +190,7 @@ class VariantService:
     async def _get_source(self, key: str) -> StoredObject | None:
         max_bytes = int(self.settings.max_source_mb * 1024 * 1024)
         try:
-            return await self.store.get(key, max_bytes=max_bytes)
+            return await self.store.get(key, max_bytes=max_bytes, need_etag=False)
         except ObjectTooLarge as error:
             raise SourceTooLarge(
                 f"source {_show(key)} is {error.size} bytes, over the limit of "

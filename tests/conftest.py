@@ -213,9 +213,9 @@ class CountingStore(Store):
     def description(self) -> str:
         return self.inner.description
 
-    async def get(self, key, max_bytes=None):
+    async def get(self, key, max_bytes=None, *, need_etag=True):
         self.calls.append(("get", key))
-        return await self.inner.get(key, max_bytes)
+        return await self.inner.get(key, max_bytes, need_etag=need_etag)
 
     async def head(self, key):
         self.calls.append(("head", key))

@@ -17,6 +17,7 @@ import pytest
 
 from proxy.errors import StoreFailed
 from proxy.store import LocalStore, S3Store, Store
+from proxy.store import local as local_module
 
 BODY = b"\xff\xd8\xff\xe0 not really a JPEG, but bytes are bytes \x00\x01"
 CACHE_CONTROL = "public, max-age=31536000, immutable"
@@ -82,6 +83,31 @@ async def test_etag_is_quoted_md5(store: Store):
 
     assert written.etag == quoted_md5(BODY)
     assert stored.etag == quoted_md5(BODY)
+
+
+async def test_get_without_etag_still_returns_body(store: Store):
+    await put(store, "original/photo.jpg")
+
+    stored = await store.get("original/photo.jpg", need_etag=False)
+
+    assert stored.body == BODY
+    # S3 returns its ETag anyway; the local store skips the MD5.
+    assert stored.etag in ("", quoted_md5(BODY))
+
+
+async def test_local_get_without_etag_skips_md5(local_store: LocalStore, monkeypatch):
+    await put(local_store, "original/photo.jpg")
+    hashed = []
+    monkeypatch.setattr(local_module, "md5_etag", lambda body: hashed.append(len(body)) or quoted_md5(body))
+
+    skipped = await local_store.get("original/photo.jpg", need_etag=False)
+    hashed_without = len(hashed)
+    full = await local_store.get("original/photo.jpg")
+
+    assert skipped.etag == ""
+    assert hashed_without == 0
+    assert full.etag == quoted_md5(BODY)
+    assert hashed == [len(BODY)]
 
 
 async def test_put_result_matches_get(store: Store):

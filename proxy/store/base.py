@@ -45,10 +45,12 @@ class Store(abc.ABC):
     """
 
     @abc.abstractmethod
-    async def get(self, key: str, max_bytes: int | None = None) -> StoredObject | None:
+    async def get(self, key: str, max_bytes: int | None = None, *, need_etag: bool = True) -> StoredObject | None:
         """Fetch an object with its body, or None if the key does not exist.
 
         Raises ObjectTooLarge, before reading the body, for an object over `max_bytes`.
+        With `need_etag` False, a store that would have to compute the ETag may
+        leave it empty.
         """
 
     @abc.abstractmethod

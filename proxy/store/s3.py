@@ -87,7 +87,7 @@ class S3Store(Store):
             await self._exit_stack.aclose()
             self._exit_stack = None
 
-    async def get(self, key: str, max_bytes: int | None = None) -> StoredObject | None:
+    async def get(self, key: str, max_bytes: int | None = None, *, need_etag: bool = True) -> StoredObject | None:
         async with self._translate_errors("GET", key):
             try:
                 response = await self._client.get_object(Bucket=self.bucket, Key=key)
