@@ -84,7 +84,7 @@ class AccessLogMiddleware:
             # Error types that map to a status are handled inside the app, so
             # this is a bug. It is logged here once, and the client gets a short
             # 500 instead of a traceback.
-            logger.exception("unexpected error id=%s path=%s", request_id, _raw_path(scope))
+            logger.exception("unexpected error id=%s path=%s", request_id, raw_path_of(scope))
             state["error"] = f"unexpected {type(error).__name__}"
             if not response_started:
                 await send_tracked(INTERNAL_ERROR_START)
@@ -102,6 +102,7 @@ async def send_logged(scope: Scope, send: Send, headers: tuple, body: bytes, lay
     started = time.perf_counter()
     request_id = _request_id(scope)
     status = 500
+    error = None
     try:
         await send(
             {
@@ -116,8 +117,14 @@ async def send_logged(scope: Scope, send: Send, headers: tuple, body: bytes, lay
     except asyncio.CancelledError:
         status = 499
         raise
+    except Exception as failure:
+        # Only the server can fail here, for example by rejecting a header, so a
+        # second response start would fail too. The error is logged once, as in
+        # the middleware.
+        logger.exception("unexpected error id=%s path=%s", request_id, raw_path_of(scope))
+        error = f"unexpected {type(failure).__name__}"
     finally:
-        log_request(scope, request_id, status, started, layer, None, variant_prefix)
+        log_request(scope, request_id, status, started, layer, error, variant_prefix)
 
 
 def log_request(
@@ -139,7 +146,7 @@ def log_request(
         "request id=%s method=%s path=%s status=%d duration_ms=%.1f layer=%s error=%s",
         request_id,
         scope["method"],
-        _raw_path(scope),
+        raw_path_of(scope),
         status,
         duration_ms,
         layer or "-",
@@ -171,7 +178,7 @@ def _request_id(scope: Scope) -> str:
     return f"{_id_prefix}{next(_id_counter) & 0xFFFFFFFF:08x}"
 
 
-def _raw_path(scope: Scope) -> str:
+def raw_path_of(scope: Scope) -> str:
     # The raw path is still percent-encoded, so a control character in a hostile
     # URL cannot forge a line in the log.
     raw_path = scope.get("raw_path")

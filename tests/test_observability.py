@@ -179,8 +179,10 @@ def test_request_ids_unique_and_new_prefix_after_fork():
     read_end, write_end = os.pipe()
     child = os.fork()
     if child == 0:
-        os.write(write_end, access_log._request_id({"headers": []}).encode())
-        os._exit(0)
+        try:
+            os.write(write_end, access_log._request_id({"headers": []}).encode())
+        finally:
+            os._exit(0)
     os.waitpid(child, 0)
     child_id = os.read(read_end, 64).decode()
     os.close(read_end)

@@ -10,6 +10,8 @@ from email.utils import format_datetime, parsedate_to_datetime
 import pytest
 from conftest import CountingStore, GatedStore, decode, make_image, running_app
 
+from proxy import access_log
+from proxy import app as app_module
 from proxy.store import open_store
 from proxy.variants import VariantService
 
@@ -280,6 +282,35 @@ async def test_memory_hit_answered_before_middleware(s3, bucket, photo, s3_setti
     assert hit.content == first.content
     # Only the miss and the conditional request went through the middleware.
     assert through_middleware == [("GET", "/r/a/b/photo-720.jpg")] * 2
+
+
+async def test_memory_lookup_bug_falls_back_to_full_path(s3, bucket, photo, s3_settings, monkeypatch, caplog):
+    s3.put_object(Bucket=bucket, Key="original/a/b/photo.jpg", Body=photo)
+
+    def broken(*arguments):
+        raise RuntimeError("simulated bug")
+
+    async with running_app(s3_settings) as client:
+        first = await client.get("/r/a/b/photo-720.jpg")
+        monkeypatch.setattr(app_module, "memory_hit", broken)
+        second = await client.get("/r/a/b/photo-720.jpg")
+
+    assert second.status_code == 200
+    assert second.content == first.content
+    assert "unexpected error looking up the memory cache path=/r/a/b/photo-720.jpg" in caplog.text
+
+
+async def test_memory_hit_send_failure_logged(caplog):
+    scope = {"type": "http", "method": "GET", "path": "/r/p-720.jpg", "raw_path": b"/r/p-720.jpg", "headers": []}
+
+    async def rejecting_send(message):
+        raise RuntimeError("Invalid HTTP header value.")
+
+    await access_log.send_logged(scope, rejecting_send, (), b"body", "memory", "r/")
+
+    lines = [record.getMessage() for record in caplog.records if record.name == "proxy.access_log"]
+    assert any(line.startswith("unexpected error id=") for line in lines)
+    assert any("status=500" in line and "error=unexpected RuntimeError" in line for line in lines)
 
 
 async def test_memory_hit_logged_and_counted(s3, bucket, photo, s3_settings, caplog):
@@ -589,7 +620,7 @@ async def test_memory_cache_off_still_serves(s3, bucket, photo, settings_for):
 
 
 class BrokenStore(CountingStore):
-    async def get(self, key):
+    async def get(self, key, max_bytes=None, *, need_etag=True):
         raise RuntimeError("simulated programming error")
 
 
@@ -838,3 +869,23 @@ async def test_overlong_file_name_local_returns_400(tmp_path, settings_for):
 
     assert response.status_code == 400
     assert str(tmp_path) not in response.text
+
+
+async def test_source_read_without_etag(s3, bucket, photo, s3_settings):
+    s3.put_object(Bucket=bucket, Key="original/a/b/photo.jpg", Body=photo)
+    asked = []
+
+    class RecordingStore(CountingStore):
+        async def get(self, key, max_bytes=None, *, need_etag=True):
+            asked.append((key, need_etag))
+            return await super().get(key, max_bytes, need_etag=need_etag)
+
+    store = RecordingStore(await open_store(s3_settings))
+    async with running_app(s3_settings, store) as client:
+        response = await client.get("/r/a/b/photo-720.jpg")
+
+    assert response.status_code == 200
+    # The stored variant is looked up with its ETag, which the response sends;
+    # the source is only resized, so the local store need not hash it.
+    assert ("r/a/b/photo-720.jpg", True) in asked
+    assert ("original/a/b/photo.jpg", False) in asked
