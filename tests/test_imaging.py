@@ -255,14 +255,28 @@ def test_scaled_decode_close_to_single_thumbnail(photo, settings):
     assert 10 * math.log10(255**2 / mean_squared_error) > 40
 
 
-def test_several_widths_of_rotated_jpeg_upright(settings):
+@pytest.mark.parametrize("orientation", [5, 6, 7, 8])
+def test_several_widths_of_rotated_jpeg_upright(settings, orientation):
     landscape = pyvips.Image.new_from_buffer(make_image(1600, 800), "").copy()
-    landscape.set_type(pyvips.GValue.gint_type, "orientation", 6)
+    landscape.set_type(pyvips.GValue.gint_type, "orientation", orientation)
     source = landscape.jpegsave_buffer(Q=90)
 
     results = imaging.make_variants(source, [(360, "jpg"), (180, "jpg")], settings)
 
     assert [(result.width, result.height) for result in results] == [(360, 720), (180, 360)]
+
+
+def test_several_widths_of_cmyk_jpeg_in_srgb(settings):
+    cmyk = pyvips.Image.new_from_buffer(make_image(1600, 800), "").icc_transform("cmyk")
+    source = cmyk.jpegsave_buffer(Q=90)
+    assert decode(source).interpretation == "cmyk"
+
+    results = imaging.make_variants(source, [(720, "jpg"), (360, "webp")], settings)
+
+    for result in results:
+        image = decode(result.body)
+        assert image.bands == 3
+        assert image.interpretation == "srgb"
 
 
 def test_truncated_jpeg_rejected_for_several_widths(photo, settings):
