@@ -299,5 +299,7 @@ async def _routing_error_response(request: Request, error: Exception) -> Respons
     message = {405: "method not allowed; use GET or HEAD"}.get(error.status_code, error.detail)
     settings: Settings = request.app.state.settings
     request.state.error = message
-    headers = {"Cache-Control": settings.error_cache_control, **(error.headers or {})}
+    # A 405 is the response to a method whose responses caches do not store.
+    cache_control = "no-store" if error.status_code == 405 else settings.error_cache_control
+    headers = {"Cache-Control": cache_control, **(error.headers or {})}
     return PlainTextResponse(f"{message}\n", status_code=error.status_code, headers=headers)

@@ -799,13 +799,13 @@ async def test_oversized_local_source_never_loaded(tmp_path, settings_for):
     assert peak_after - peak_before < 512 * 1024  # ru_maxrss is in KiB on Linux
 
 
-async def test_method_not_allowed_is_plain_text(s3_settings):
+async def test_method_not_allowed_is_plain_text_no_store(s3_settings):
     async with running_app(s3_settings) as client:
         response = await client.post("/r/a/b/photo-720.jpg", content=b"x")
 
     assert response.status_code == 405
     assert response.headers["content-type"].startswith("text/plain")
-    assert response.headers["cache-control"] == "public, max-age=60"
+    assert response.headers["cache-control"] == "no-store"
     assert "GET or HEAD" in response.text
 
 
