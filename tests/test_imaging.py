@@ -251,7 +251,7 @@ def test_scaled_decode_close_to_single_thumbnail(photo, settings):
     mean_squared_error = (difference * difference).avg()
     assert (together.width, together.height) == (alone.width, alone.height)
     # The decode at 1/2 scale replaces part of the Lanczos3 step, so some pixels
-    # differ; above 40 dB of PSNR the two cannot be told apart by eye.
+    # differ; above 40 dB of PSNR the two look the same.
     assert 10 * math.log10(255**2 / mean_squared_error) > 40
 
 
