@@ -31,7 +31,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -51,6 +50,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
 import thumbor_reference  # noqa: E402
+from servers import free_port, wait_until_up  # noqa: E402
 
 PYTHON = sys.executable
 MATE = Path("/usr/share/backgrounds/mate")
@@ -165,33 +165,13 @@ def mix(sources: dict[str, Source], kinds: list[str]) -> list[tuple[Source, int,
 # Processes
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_until_up(url: str, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{url} exited with {process.returncode}:\n{log.read_text()[-2000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} did not respond within {START_TIMEOUT} s:\n{log.read_text()[-2000:]}")
-
-
 @contextlib.contextmanager
 def process(command: list[str], env: dict[str, str], log: Path, ready_url: str) -> Iterator[subprocess.Popen]:
     """Run `command` with its output in `log`, wait for `ready_url`, and stop it afterwards."""
     with log.open("wb") as output:
         child = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, cwd=REPO)
     try:
-        wait_until_up(ready_url, child, log)
+        wait_until_up(ready_url, child, log, START_TIMEOUT)
         yield child
     finally:
         child.send_signal(signal.SIGTERM)

@@ -16,7 +16,6 @@ import asyncio
 import itertools
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,16 +24,13 @@ import time
 from pathlib import Path
 
 import httpx
+from servers import free_port, wait_until_up
 
 DEFAULT_PHOTO = Path("/usr/share/backgrounds/mate/abstract/Elephants_5640x3172.jpg")
 WIDTHS = (360, 720, 1200, 2200)
 FORMATS = ("jpg", "webp")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+# Seconds that the proxy may take to start.
+START_TIMEOUT = 60
 
 
 def rss_kib(pid: int) -> int:
@@ -118,12 +114,7 @@ async def main() -> int:
         )
         try:
             base_url = f"http://127.0.0.1:{port}"
-            for _ in range(100):
-                try:
-                    if httpx.get(f"{base_url}/healthz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.2)
+            wait_until_up(f"{base_url}/healthz", server, None, START_TIMEOUT)
             idle = rss_kib(server.pid)
             samples: list[tuple[float, int]] = []
             stop = asyncio.Event()

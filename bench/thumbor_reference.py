@@ -19,29 +19,22 @@ import argparse
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
 import httpx
 import pyvips
+from servers import free_port, wait_until_up
 
 DEFAULT_VENV = Path.home() / ".cache" / "resize-proxy-bench" / "thumbor-venv"
 THUMBOR_REQUIREMENT = "thumbor>=7.8,<8"
 STARTUP_TIMEOUT = 30.0
 SHUTDOWN_TIMEOUT = 10.0
 FORMATS = ("jpg", "webp")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def thumbor_works(thumbor: Path) -> bool:
@@ -119,25 +112,10 @@ def running_thumbor(
                 start_new_session=True,
             )
         try:
-            wait_until_healthy(base_url, server, log_path)
+            wait_until_up(f"{base_url}/healthcheck", server, log_path, STARTUP_TIMEOUT)
             yield base_url
         finally:
             stop(server)
-
-
-def wait_until_healthy(base_url: str, server: subprocess.Popen, log_path: Path) -> None:
-    """Poll /healthcheck until thumbor responds with 200; raise with its log if it exits or times out."""
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"thumbor exited with {server.returncode}:\n{log_path.read_text()}")
-        try:
-            if httpx.get(f"{base_url}/healthcheck", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"thumbor timed out: no 200 from /healthcheck within {STARTUP_TIMEOUT:g} s:\n{log_path.read_text()}")
 
 
 def stop(server: subprocess.Popen) -> None:

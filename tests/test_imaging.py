@@ -130,32 +130,24 @@ def test_cmyk_jpeg_converted_to_srgb(settings):
     assert blue_level < 80
 
 
-def test_jpeg_quality_setting_changes_size(settings_for, tmp_path, photo):
-    low = settings_for(storage=str(tmp_path), jpeg_quality="40")
-    high = settings_for(storage=str(tmp_path), jpeg_quality="95")
+@pytest.mark.parametrize(
+    ("output_format", "width", "smaller", "larger"),
+    [
+        ("jpg", 720, {"jpeg_quality": "40"}, {"jpeg_quality": "95"}),
+        ("webp", 720, {"webp_quality": "30"}, {"webp_quality": "95"}),
+        # Effort trades encode time for size at the same quality.
+        ("webp", 720, {"webp_effort": "6"}, {"webp_effort": "0"}),
+        ("avif", 360, {"avif_quality": "20", "avif_effort": "0"}, {"avif_quality": "90", "avif_effort": "0"}),
+    ],
+)
+def test_encoder_setting_changes_size(settings_for, tmp_path, photo, output_format, width, smaller, larger):
+    small_settings = settings_for(storage=str(tmp_path), **smaller)
+    large_settings = settings_for(storage=str(tmp_path), **larger)
 
-    small = imaging.make_variant(photo, 720, "jpg", low).body
-    large = imaging.make_variant(photo, 720, "jpg", high).body
+    small = imaging.make_variant(photo, width, output_format, small_settings).body
+    large = imaging.make_variant(photo, width, output_format, large_settings).body
 
     assert len(small) < len(large)
-
-
-def test_webp_quality_setting_changes_size(settings_for, tmp_path, photo):
-    low = settings_for(storage=str(tmp_path), webp_quality="30")
-    high = settings_for(storage=str(tmp_path), webp_quality="95")
-
-    assert len(imaging.make_variant(photo, 720, "webp", low).body) < len(
-        imaging.make_variant(photo, 720, "webp", high).body
-    )
-
-
-def test_avif_quality_setting_changes_size(settings_for, tmp_path, photo):
-    low = settings_for(storage=str(tmp_path), avif_quality="20", avif_effort="0")
-    high = settings_for(storage=str(tmp_path), avif_quality="90", avif_effort="0")
-
-    assert len(imaging.make_variant(photo, 360, "avif", low).body) < len(
-        imaging.make_variant(photo, 360, "avif", high).body
-    )
 
 
 @pytest.mark.parametrize(
@@ -284,13 +276,3 @@ def test_truncated_jpeg_rejected_for_several_widths(photo, settings):
 
     with pytest.raises(UndecodableSource, match="jpeg source could not be decoded"):
         imaging.make_variants(truncated, [(360, "jpg"), (720, "webp")], settings)
-
-
-def test_webp_effort_trades_time_for_size(photo, settings_for, tmp_path):
-    fast = settings_for(storage=str(tmp_path), webp_effort="0")
-    small = settings_for(storage=str(tmp_path), webp_effort="6")
-
-    fast_body = imaging.make_variant(photo, 720, "webp", fast).body
-    small_body = imaging.make_variant(photo, 720, "webp", small).body
-
-    assert len(small_body) < len(fast_body)
