@@ -35,21 +35,21 @@ class ProxyApp(FastAPI):
     the rate of a bare ASGI app returning the same bytes.
     """
 
-    # Set while the lifespan runs: the variant URL prefix and the service whose
-    # memory cache serves hot hits.
-    hot_hits: tuple[str, VariantService] | None = None
+    # The service whose memory cache serves hot hits, set while the lifespan runs.
+    hot_variants: VariantService | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.hot_hits is not None:
+        variants = self.hot_variants
+        if scope["type"] == "http" and variants is not None:
             try:
-                variant = memory_hit(scope, *self.hot_hits)
+                variant = memory_hit(scope, variants)
             except Exception:
                 # A bug here must not fail the request: the full path serves it.
                 logger.exception("unexpected error looking up the memory cache path=%s", raw_path_of(scope))
                 variant = None
             if variant is not None:
                 body = b"" if scope["method"] == "HEAD" else variant.body
-                await send_logged(scope, send, variant.headers, body, "memory", self.hot_hits[1].settings.variant_prefix)
+                await send_logged(scope, send, variant.headers, body, "memory", variants.settings.variant_prefix)
                 return
         await super().__call__(scope, receive, send)
 
@@ -65,7 +65,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     async def lifespan(app: ProxyApp) -> AsyncIterator[None]:
         app.state.store = store or await open_store(settings)
         app.state.variants = VariantService(app.state.store, settings)
-        app.hot_hits = (settings.variant_url_prefix, app.state.variants)
+        app.hot_variants = app.state.variants
         # Event documents being handled by POST /events/s3.
         app.state.events_in_progress = 0
         app.state.uploads = UploadHandler(
@@ -85,7 +85,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         try:
             yield
         finally:
-            app.hot_hits = None
+            app.hot_variants = None
             app.state.variants.close()
             await app.state.store.close()
             logger.info("resize-proxy stopped")
@@ -167,14 +167,14 @@ async def readyz(request: Request) -> PlainTextResponse:
 CONDITIONAL_HEADERS = (b"if-none-match", b"if-modified-since")
 
 
-def memory_hit(scope: Scope, url_prefix: str, variants: VariantService) -> Variant | None:
+def memory_hit(scope: Scope, variants: VariantService) -> Variant | None:
     """Return the variant in the memory cache that serves this request, if there is one.
 
     The response made from it is the one `serve_variant` gives. Anything else
     (another method or route, a conditional request, a path that does not parse,
     a miss) returns None and takes the full path.
     """
-    if scope["method"] not in ("GET", "HEAD") or not scope["path"].startswith(url_prefix):
+    if scope["method"] not in ("GET", "HEAD") or not scope["path"].startswith(variants.settings.variant_url_prefix):
         return None
     for name, _ in scope["headers"]:
         if name in CONDITIONAL_HEADERS:
