@@ -562,10 +562,10 @@ http {{
 
 
 def section_hot(work: Path, sources: dict[str, Source], seconds: int, rounds: int = 3) -> dict:
-    """Hot hits from the proxy's memory cache, a minimal ASGI app and nginx.
+    """Measure hot hits from the proxy's memory cache, a minimal ASGI app and nginx.
 
     The three servers run side by side and take turns under wrk, `rounds` times,
-    so that a slow spell of the machine falls on all of them; each figure is the
+    so that a slow spell of the machine falls on all of them. Each figure is the
     median of its rounds.
     """
     store = work / "hot-store"

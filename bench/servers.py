@@ -24,7 +24,7 @@ def wait_until_up(url: str, process: subprocess.Popen, log: Path | None, timeout
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{url}: the server exited with {process.returncode}{_tail(log)}")
+            raise RuntimeError(f"server for {url} exited with status {process.returncode} before responding{_tail(log)}")
         try:
             if httpx.get(url, timeout=2).status_code < 500:
                 return

@@ -96,8 +96,7 @@ class AccessLogMiddleware:
 async def send_logged(scope: Scope, send: Send, headers: tuple, body: bytes, layer: str, variant_prefix: str) -> None:
     """Send a whole 200 response made without the app, then log and count it as the middleware would.
 
-    Memory-cache hits take this path: it skips the middleware and routing, which
-    cost more than the rest of a hit.
+    Memory-cache hits take this path, which skips the middleware and routing.
     """
     started = time.perf_counter()
     request_id = _request_id(scope)

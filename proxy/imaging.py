@@ -360,7 +360,7 @@ def _jpeg_shrink(source_width: int, width: int) -> int:
 
 
 def _thumbnail_jpeg(data: bytes, width: int, source_width: int) -> pyvips.Image:
-    """Resize a JPEG to `width`, decoding it at the smallest scale that is still as wide.
+    """Resize a JPEG to `width`, decoding it at the coarsest libjpeg scale that is still as wide.
 
     `thumbnail` leaves at least a factor of two for its Lanczos3 step, so for a
     6000 px source and 2200 px it decodes every pixel. The scaled decode of

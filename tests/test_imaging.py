@@ -248,7 +248,7 @@ def test_scaled_decode_close_to_single_thumbnail(photo, settings):
 
 
 @pytest.mark.parametrize("orientation", [5, 6, 7, 8])
-def test_several_widths_of_rotated_jpeg_upright(settings, orientation):
+def test_rotated_jpeg_widths_upright(settings, orientation):
     landscape = pyvips.Image.new_from_buffer(make_image(1600, 800), "").copy()
     landscape.set_type(pyvips.GValue.gint_type, "orientation", orientation)
     source = landscape.jpegsave_buffer(Q=90)
@@ -258,7 +258,7 @@ def test_several_widths_of_rotated_jpeg_upright(settings, orientation):
     assert [(result.width, result.height) for result in results] == [(360, 720), (180, 360)]
 
 
-def test_several_widths_of_cmyk_jpeg_in_srgb(settings):
+def test_cmyk_jpeg_widths_in_srgb(settings):
     cmyk = pyvips.Image.new_from_buffer(make_image(1600, 800), "").icc_transform("cmyk")
     source = cmyk.jpegsave_buffer(Q=90)
     assert decode(source).interpretation == "cmyk"
@@ -271,7 +271,7 @@ def test_several_widths_of_cmyk_jpeg_in_srgb(settings):
         assert image.interpretation == "srgb"
 
 
-def test_truncated_jpeg_rejected_for_several_widths(photo, settings):
+def test_truncated_jpeg_widths_rejected(photo, settings):
     truncated = photo[: len(photo) * 6 // 10]
 
     with pytest.raises(UndecodableSource, match="jpeg source could not be decoded"):

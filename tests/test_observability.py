@@ -150,15 +150,15 @@ async def test_metrics_count_events_by_result(s3, bucket, settings_for):
     assert value(after, "resize_proxy_events_total", result="skipped") - value(before, "resize_proxy_events_total", result="skipped") == 1
 
 
-def test_text_formatter_same_lines_as_standard_formatter():
+def test_text_formatter_matches_standard():
     standard = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
     fast = TextFormatter()
 
     def record(created: float, exc_info=None) -> logging.LogRecord:
-        made = logging.LogRecord("proxy.x", logging.WARNING, __file__, 1, "value=%s", ("a b",), exc_info)
-        made.created = created
-        made.msecs = int((created - int(created)) * 1000) + 0.0
-        return made
+        log_record = logging.LogRecord("proxy.x", logging.WARNING, __file__, 1, "value=%s", ("a b",), exc_info)
+        log_record.created = created
+        log_record.msecs = int((created - int(created)) * 1000) + 0.0
+        return log_record
 
     # The second changes between lines, then stays for two lines with other milliseconds.
     for created in (1764900000.0, 1764900001.25, 1764900001.999, 1764899999.5):
@@ -171,7 +171,7 @@ def test_text_formatter_same_lines_as_standard_formatter():
     assert fast.format(record(1764900002.5, error)).endswith("ValueError: broken")
 
 
-def test_request_ids_unique_and_new_prefix_after_fork():
+def test_request_ids_unique_across_fork():
     ids = {access_log._request_id({"headers": []}) for _ in range(1000)}
     assert len(ids) == 1000
     assert all(re.fullmatch(r"[0-9a-f]{32}", request_id) for request_id in ids)

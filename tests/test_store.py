@@ -85,7 +85,7 @@ async def test_etag_is_quoted_md5(store: Store):
     assert stored.etag == quoted_md5(BODY)
 
 
-async def test_get_without_etag_still_returns_body(store: Store):
+async def test_get_without_etag_returns_body(store: Store):
     await put(store, "original/photo.jpg")
 
     stored = await store.get("original/photo.jpg", need_etag=False)

@@ -258,7 +258,7 @@ async def test_memory_hit_skips_routing_same_headers(s3, bucket, photo, s3_setti
     assert head.headers["content-length"] == first.headers["content-length"]
 
 
-async def test_memory_hit_answered_before_middleware(s3, bucket, photo, s3_settings):
+async def test_memory_hit_skips_middleware(s3, bucket, photo, s3_settings):
     s3.put_object(Bucket=bucket, Key="original/a/b/photo.jpg", Body=photo)
     through_middleware = []
 
@@ -284,7 +284,7 @@ async def test_memory_hit_answered_before_middleware(s3, bucket, photo, s3_setti
     assert through_middleware == [("GET", "/r/a/b/photo-720.jpg")] * 2
 
 
-async def test_memory_lookup_bug_falls_back_to_full_path(s3, bucket, photo, s3_settings, monkeypatch, caplog):
+async def test_memory_lookup_bug_uses_full_path(s3, bucket, photo, s3_settings, monkeypatch, caplog):
     s3.put_object(Bucket=bucket, Key="original/a/b/photo.jpg", Body=photo)
 
     def broken(*arguments):
@@ -799,7 +799,7 @@ async def test_oversized_local_source_never_loaded(tmp_path, settings_for):
     assert peak_after - peak_before < 512 * 1024  # ru_maxrss is in KiB on Linux
 
 
-async def test_method_not_allowed_is_plain_text_no_store(s3_settings):
+async def test_405_plain_text_no_store(s3_settings):
     async with running_app(s3_settings) as client:
         response = await client.post("/r/a/b/photo-720.jpg", content=b"x")
 
@@ -873,11 +873,11 @@ async def test_overlong_file_name_local_returns_400(tmp_path, settings_for):
 
 async def test_source_read_without_etag(s3, bucket, photo, s3_settings):
     s3.put_object(Bucket=bucket, Key="original/a/b/photo.jpg", Body=photo)
-    asked = []
+    requested = []
 
     class RecordingStore(CountingStore):
         async def get(self, key, max_bytes=None, *, need_etag=True):
-            asked.append((key, need_etag))
+            requested.append((key, need_etag))
             return await super().get(key, max_bytes, need_etag=need_etag)
 
     store = RecordingStore(await open_store(s3_settings))
@@ -885,7 +885,7 @@ async def test_source_read_without_etag(s3, bucket, photo, s3_settings):
         response = await client.get("/r/a/b/photo-720.jpg")
 
     assert response.status_code == 200
-    # The stored variant is looked up with its ETag, which the response sends;
-    # the source is only resized, so the local store need not hash it.
-    assert ("r/a/b/photo-720.jpg", True) in asked
-    assert ("original/a/b/photo.jpg", False) in asked
+    # The response sends the stored variant's ETag. The source is only resized,
+    # so the local store need not hash it.
+    assert ("r/a/b/photo-720.jpg", True) in requested
+    assert ("original/a/b/photo.jpg", False) in requested
