@@ -9,7 +9,7 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import metrics
+from . import logs, metrics
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +55,12 @@ class AccessLogMiddleware:
         state = scope.setdefault("state", {})
         started = time.perf_counter()
         status = 500
+        body_bytes = 0
 
         response_started = False
 
         async def send_tracked(message: Message) -> None:
-            nonlocal status, response_started
+            nonlocal status, response_started, body_bytes
             if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
                 # Marked before sending: if the server rejects the message (an
@@ -70,9 +71,9 @@ class AccessLogMiddleware:
                 # never shows a status that the client did not get.
                 status = message["status"]
                 return
-            if message["type"] == "http.response.body":
-                metrics.BYTES_OUT.inc(len(message.get("body", b"")))
             await send(message)
+            if message["type"] == "http.response.body":
+                body_bytes += len(message.get("body", b""))
 
         try:
             await self.app(scope, receive, send_tracked)
@@ -90,10 +91,11 @@ class AccessLogMiddleware:
                 await send_tracked(INTERNAL_ERROR_START)
                 await send_tracked(INTERNAL_ERROR_BODY)
         finally:
-            log_request(scope, request_id, status, started, state.get("layer"), state.get("error"), self.variant_prefix)
+            route = metrics.route_of(scope["path"], self.variant_prefix)
+            log_request(scope, request_id, status, started, state.get("layer"), state.get("error"), route, body_bytes)
 
 
-async def send_logged(scope: Scope, send: Send, headers: tuple, body: bytes, layer: str, variant_prefix: str) -> None:
+async def send_logged(scope: Scope, send: Send, headers: tuple, body: bytes, layer: str, route: str) -> None:
     """Send a whole 200 response made without the app, then log and count it as the middleware would.
 
     Memory-cache hits take this path, which skips the middleware and routing.
@@ -102,6 +104,7 @@ async def send_logged(scope: Scope, send: Send, headers: tuple, body: bytes, lay
     request_id = _request_id(scope)
     status = 500
     error = None
+    sent = 0
     try:
         await send(
             {
@@ -112,7 +115,7 @@ async def send_logged(scope: Scope, send: Send, headers: tuple, body: bytes, lay
         )
         status = 200
         await send({"type": "http.response.body", "body": body})
-        metrics.BYTES_OUT.inc(len(body))
+        sent = len(body)
     except asyncio.CancelledError:
         status = 499
         raise
@@ -123,7 +126,7 @@ async def send_logged(scope: Scope, send: Send, headers: tuple, body: bytes, lay
         logger.exception("unexpected error id=%s path=%s", request_id, raw_path_of(scope))
         error = f"unexpected {type(failure).__name__}"
     finally:
-        log_request(scope, request_id, status, started, layer, error, variant_prefix)
+        log_request(scope, request_id, status, started, layer, error, route, sent)
 
 
 def log_request(
@@ -133,24 +136,20 @@ def log_request(
     started: float,
     layer: str | None,
     error: str | None,
-    variant_prefix: str,
+    route: str,
+    body_bytes: int,
 ) -> None:
-    """Write the request's line and count it by route, status and layer."""
+    """Write the request's line, and count it by route, status and layer, with its body bytes."""
     duration_ms = (time.perf_counter() - started) * 1000
-    metrics.count_request(metrics.route_of(scope["path"], variant_prefix), status)
-    if layer in ("memory", "store", "generated"):
-        metrics.count_served(layer)
-    logger.log(
-        logging.WARNING if status >= 500 else logging.INFO,
-        "request id=%s method=%s path=%s status=%d duration_ms=%.1f layer=%s error=%s",
-        request_id,
-        scope["method"],
-        raw_path_of(scope),
-        status,
-        duration_ms,
-        layer or "-",
-        error or "-",
-    )
+    metrics.RESPONSES.count(route, status, layer, body_bytes)
+    args = (request_id, scope["method"], raw_path_of(scope), status, duration_ms, layer or "-", error or "-")
+    if status >= 500:
+        logger.warning(ACCESS_LINE, *args)
+    elif not logs.queue_info(logger, ACCESS_LINE, args):
+        logger.info(ACCESS_LINE, *args)
+
+
+ACCESS_LINE = "request id=%s method=%s path=%s status=%d duration_ms=%.1f layer=%s error=%s"
 
 
 # A random part per process and a counter: unique across replicas, and much

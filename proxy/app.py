@@ -49,7 +49,7 @@ class ProxyApp(FastAPI):
                 variant = None
             if variant is not None:
                 body = b"" if scope["method"] == "HEAD" else variant.body
-                await send_logged(scope, send, variant.headers, body, "memory", variants.settings.variant_prefix)
+                await send_logged(scope, send, variant.headers, body, "memory", "variant")
                 return
         await super().__call__(scope, receive, send)
 
@@ -180,13 +180,15 @@ def memory_hit(scope: Scope, variants: VariantService) -> Variant | None:
         if name in CONDITIONAL_HEADERS:
             return None
     raw_path = scope.get("raw_path") or quote(scope["path"]).encode()
-    try:
-        key = variants.key_of(raw_path)
-    except ProxyError:
-        return None
+    parsed = variants.parsed_paths.get(raw_path)
+    if parsed is None:
+        try:
+            parsed = variants.parse(raw_path)
+        except ProxyError:
+            return None
     # Indexing took a quarter of the time of `get` (1 µs against 4 µs) with cachetools 8.
     try:
-        return variants.memory[key]
+        return variants.memory[parsed.key]
     except KeyError:
         return None
 

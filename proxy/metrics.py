@@ -5,33 +5,83 @@ counters of the worker that accepted the connection. Scrape each replica, and ru
 container where per-process figures matter.
 """
 
+import threading
+from collections.abc import Iterator
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, Metric
 from starlette.requests import Request
 from starlette.responses import Response
 
-REQUESTS = Counter(
-    "resize_proxy_requests_total",
-    "HTTP requests by route and status code.",
-    ["route", "status"],
-)
-VARIANTS_SERVED = Counter(
-    "resize_proxy_variants_served_total",
-    "Variant responses by the layer that served them: memory, store or generated.",
-    ["layer"],
-)
+
+class ResponseCounters:
+    """The counters that every HTTP response adds to, exported as three Prometheus
+    counters: requests by route and status, variants by the layer that served
+    them, and response body bytes.
+
+    A `prometheus_client.Counter` increment goes through several Python calls;
+    three of them took a tenth of a memory-cache hit. Here one call counts a
+    response in plain numbers under one lock, and `collect` makes the counter
+    families when the registry is scraped.
+    """
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self._lock = threading.Lock()
+        self._requests: dict[tuple[str, int], int] = {}
+        self._served: dict[str, int] = {}
+        self._body_bytes = 0
+        registry.register(self)
+
+    def count(self, route: str, status: int, layer: str | None, body_bytes: int) -> None:
+        with self._lock:
+            key = (route, status)
+            self._requests[key] = self._requests.get(key, 0) + 1
+            if layer in VARIANT_LAYERS:
+                self._served[layer] = self._served.get(layer, 0) + 1
+            self._body_bytes += body_bytes
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            requests = list(self._requests.items())
+            served = list(self._served.items())
+            body_bytes = self._body_bytes
+        family = CounterMetricFamily(
+            "resize_proxy_requests_total", "HTTP requests by route and status code.", labels=["route", "status"]
+        )
+        for (route, status), count in requests:
+            family.add_metric([route, str(status)], count)
+        yield family
+        family = CounterMetricFamily(
+            "resize_proxy_variants_served_total",
+            "Variant responses by the layer that served them: memory, store or generated.",
+            labels=["layer"],
+        )
+        for layer, count in served:
+            family.add_metric([layer], count)
+        yield family
+        yield CounterMetricFamily(
+            "resize_proxy_response_bytes_total", "Bytes of HTTP response bodies sent.", value=body_bytes
+        )
+
+
+# The layers that serve a variant, each counted in resize_proxy_variants_served_total.
+VARIANT_LAYERS = ("memory", "store", "generated")
+
+RESPONSES = ResponseCounters()
 GENERATION_SECONDS = Histogram(
     "resize_proxy_generation_seconds",
     "Time to make one variant on request: source fetch, resize and encode, and store write.",
     buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 BYTES_IN = Counter("resize_proxy_source_bytes_total", "Bytes of sources read from the store to make variants.")
-BYTES_OUT = Counter("resize_proxy_response_bytes_total", "Bytes of HTTP response bodies sent.")
 GENERATIONS_IN_PROGRESS = Gauge(
     "resize_proxy_generations_in_progress",
     "Variants being made or waiting for a resize thread; past PROXY_RESIZE_QUEUE, requests get 503.",
@@ -46,26 +96,6 @@ EVENTS = Counter(
     "Upload and delete events by result: made, deleted, skipped or failed.",
     ["result"],
 )
-
-
-# Label children by their labels. `labels()` takes a lock and checks its arguments,
-# which took three times as long as the increment itself (3.3 µs against 1.2 µs).
-_request_counters: dict[tuple[str, int], Counter] = {}
-_served_counters: dict[str, Counter] = {}
-
-
-def count_request(route: str, status: int) -> None:
-    counter = _request_counters.get((route, status))
-    if counter is None:
-        counter = _request_counters[(route, status)] = REQUESTS.labels(route, str(status))
-    counter.inc()
-
-
-def count_served(layer: str) -> None:
-    counter = _served_counters.get(layer)
-    if counter is None:
-        counter = _served_counters[layer] = VARIANTS_SERVED.labels(layer)
-    counter.inc()
 
 
 def route_of(path: str, variant_prefix: str) -> str:

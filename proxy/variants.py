@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from email.utils import format_datetime
 from typing import TypeVar
 
-from cachetools import LRUCache, TTLCache
+from cachetools import TTLCache
 
 from . import imaging, metrics
 from .errors import NotFound, Overloaded, SourceTooLarge
@@ -68,8 +68,10 @@ class VariantService:
         # Variant extension to whether the last source found for it had that
         # extension too, which decides whether a lookup starts with a GET.
         self.own_extension_found: dict[str, bool] = {}
-        # Raw URL paths of recent requests and what they parsed to.
-        self.parsed_paths: LRUCache[bytes, VariantRequest] = LRUCache(maxsize=PARSED_PATHS)
+        # Raw URL paths of recent requests and what they parsed to: a plain dict,
+        # emptied when full, because an LRU cache's lookup runs several Python
+        # calls on every memory hit.
+        self.parsed_paths: dict[bytes, VariantRequest] = {}
         self.executor = ThreadPoolExecutor(
             max_workers=settings.thread_count, thread_name_prefix="resize"
         )
@@ -87,11 +89,10 @@ class VariantService:
         request = self.parsed_paths.get(raw_path)
         if request is None:
             request = parse_variant_path(raw_path, self.settings)
+            if len(self.parsed_paths) >= PARSED_PATHS:
+                self.parsed_paths.clear()
             self.parsed_paths[raw_path] = request
         return request
-
-    def key_of(self, raw_path: bytes) -> str:
-        return self.parse(raw_path).key
 
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)

@@ -13,6 +13,7 @@ from conftest import CountingStore, GatedStore, decode, make_image, running_app
 from proxy import access_log
 from proxy import app as app_module
 from proxy.store import open_store
+from proxy import variants as variants_module
 from proxy.variants import VariantService
 
 
@@ -306,7 +307,7 @@ async def test_memory_hit_send_failure_logged(caplog):
     async def rejecting_send(message):
         raise RuntimeError("Invalid HTTP header value.")
 
-    await access_log.send_logged(scope, rejecting_send, (), b"body", "memory", "r/")
+    await access_log.send_logged(scope, rejecting_send, (), b"body", "memory", "variant")
 
     lines = [record.getMessage() for record in caplog.records if record.name == "proxy.access_log"]
     assert any(line.startswith("unexpected error id=") for line in lines)
@@ -889,3 +890,17 @@ async def test_source_read_without_etag(s3, bucket, photo, s3_settings):
     # so the local store need not hash it.
     assert ("r/a/b/photo-720.jpg", True) in requested
     assert ("original/a/b/photo.jpg", False) in requested
+
+
+async def test_parsed_paths_emptied_when_full(s3_settings, monkeypatch):
+    monkeypatch.setattr(variants_module, "PARSED_PATHS", 2)
+    service = VariantService(await open_store(s3_settings), s3_settings)
+    try:
+        keys = [service.parse(f"/r/photo{number}-720.jpg".encode()).key for number in range(5)]
+        remembered = len(service.parsed_paths)
+    finally:
+        service.close()
+        await service.store.close()
+
+    assert keys == [f"r/photo{number}-720.jpg" for number in range(5)]
+    assert remembered == 1
