@@ -276,3 +276,27 @@ def test_truncated_jpeg_widths_rejected(photo, settings):
 
     with pytest.raises(UndecodableSource, match="jpeg source could not be decoded"):
         imaging.make_variants(truncated, [(360, "jpg"), (720, "webp")], settings)
+
+
+def test_cascaded_widths_close_to_direct_resize(photo, settings):
+    sizes = [(2200, "png"), (1200, "png"), (720, "png"), (360, "png"), (360, "jpg")]
+    decoded = imaging.decode_source(photo, sizes, settings)
+
+    for width in (1200, 720, 360):
+        cascaded = decoded.resized(width)
+        direct = decoded.image.thumbnail_image(width, height=imaging.UNBOUNDED_HEIGHT, size="down")
+        difference = cascaded.cast("float") - direct.cast("float")
+        mean_squared_error = (difference * difference).avg()
+        assert (cascaded.width, cascaded.height) == (direct.width, direct.height)
+        # Each width comes from the next larger one, which changes some pixels
+        # slightly; above 40 dB of PSNR the two look the same.
+        assert 10 * math.log10(255**2 / max(mean_squared_error, 1e-9)) > 40
+
+
+def test_resized_width_shared_by_formats(photo, settings):
+    decoded = imaging.decode_source(photo, [(1200, "jpg"), (720, "jpg"), (720, "webp")], settings)
+
+    first = decoded.resized(720)
+
+    assert decoded.resized(720) is first
+    assert decoded.resized(decoded.image.width) is decoded.image

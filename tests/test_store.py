@@ -514,3 +514,41 @@ async def test_local_file_mode_follows_umask(local_store: LocalStore):
     mode = (local_store.root / "r" / "photo-720.jpg").stat().st_mode & 0o777
 
     assert mode == plain.stat().st_mode & 0o777
+
+
+async def test_local_head_after_get_skips_md5(local_store: LocalStore, monkeypatch):
+    await local_store.put("original/p.jpg", b"photo", "image/jpeg", "public")
+    stored = await local_store.get("original/p.jpg")
+    hashed = []
+    monkeypatch.setattr(local_module, "md5_etag", lambda body: hashed.append(body) or "unexpected")
+
+    info = await local_store.head("original/p.jpg")
+
+    assert info is not None
+    assert info.etag == stored.etag
+    assert info.size == len(b"photo")
+    assert hashed == []
+
+
+async def test_local_head_sees_replaced_file(local_store: LocalStore):
+    await local_store.put("original/p.jpg", b"first", "image/jpeg", "public")
+    before = await local_store.head("original/p.jpg")
+    # Replaced outside the store, by a file of the same size.
+    replacement = local_store.root / "original" / "next.tmp"
+    replacement.write_bytes(b"other")
+    os.replace(replacement, local_store.root / "original" / "p.jpg")
+
+    after = await local_store.head("original/p.jpg")
+
+    assert after is not None
+    assert after.etag != before.etag
+    assert after.etag == f'"{hashlib.md5(b"other").hexdigest()}"'
+
+
+async def test_local_head_after_delete_returns_none(local_store: LocalStore):
+    await local_store.put("original/p.jpg", b"photo", "image/jpeg", "public")
+    await local_store.head("original/p.jpg")
+
+    await local_store.delete("original/p.jpg")
+
+    assert await local_store.head("original/p.jpg") is None

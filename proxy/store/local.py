@@ -16,6 +16,20 @@ mimetypes.add_type("image/avif", ".avif")
 mimetypes.add_type("image/heic", ".heic")
 
 
+# ETags remembered by a local store; the memory is emptied when it is full.
+REMEMBERED_ETAGS = 1024
+
+
+def _signature(status: os.stat_result) -> tuple[int, int, int, int]:
+    """Identify a version of a file by its inode, size, and modification and change times.
+
+    NOTE: a file rewritten in place, to the same size, within the kernel's
+    timestamp tick (a few milliseconds) keeps its signature. The store's own
+    writes replace the file, which gives it a new inode.
+    """
+    return (status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
+
+
 class LocalStore(Store):
     """Files below `root`. Content types follow the file extension.
 
@@ -25,6 +39,9 @@ class LocalStore(Store):
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).resolve()
+        # ETags of files read with one, by key and the file's inode, size and
+        # times, so that `head` after `get` need not read and hash the file again.
+        self._etags: dict[str, tuple[tuple[int, int, int, int], str]] = {}
 
     @property
     def description(self) -> str:
@@ -73,21 +90,35 @@ class LocalStore(Store):
             return None
         except OSError as error:
             raise _failure("reading", key, error) from error
-        return StoredObject(
-            key=key,
-            body=body,
-            content_type=_content_type(key),
-            # The MD5 of a 16 MB photo took 54 ms, which a source read only to
-            # be resized does not need.
-            etag=md5_etag(body) if need_etag else "",
-            last_modified=_timestamp(mtime),
-        )
+        # The MD5 of a 16 MB photo took 54 ms, which a source read only to be
+        # resized does not need.
+        etag = ""
+        if need_etag:
+            etag = md5_etag(body)
+            self._remember_etag(key, status, etag)
+        return StoredObject(key, body, _content_type(key), etag, _timestamp(mtime))
 
     def _head(self, key: str) -> ObjectInfo | None:
+        # An upload reads the source's ETag before its variants are made and
+        # again afterwards; the second time the file is usually unchanged.
+        try:
+            status = self._path(key).stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as error:
+            raise _failure("reading", key, error) from error
+        remembered = self._etags.get(key)
+        if remembered is not None and remembered[0] == _signature(status):
+            return ObjectInfo(key, status.st_size, remembered[1], _timestamp(status.st_mtime))
         stored = self._get(key)
         if stored is None:
             return None
         return ObjectInfo(key, len(stored.body), stored.etag, stored.last_modified)
+
+    def _remember_etag(self, key: str, status: os.stat_result, etag: str) -> None:
+        if len(self._etags) >= REMEMBERED_ETAGS:
+            self._etags.clear()
+        self._etags[key] = (_signature(status), etag)
 
     def _put(self, key: str, body: bytes) -> StoredObject:
         path = self._path(key)
@@ -104,10 +135,12 @@ class LocalStore(Store):
             except BaseException:
                 os.unlink(temporary)
                 raise
-            mtime = path.stat().st_mtime
+            status = path.stat()
         except OSError as error:
             raise _failure("writing", key, error) from error
-        return StoredObject(key, body, _content_type(key), md5_etag(body), _timestamp(mtime))
+        etag = md5_etag(body)
+        self._remember_etag(key, status, etag)
+        return StoredObject(key, body, _content_type(key), etag, _timestamp(status.st_mtime))
 
     def _list_keys(self, prefix: str) -> list[str]:
         # Walk only the deepest folder that the prefix names in full.
@@ -135,6 +168,7 @@ class LocalStore(Store):
 
     def _delete(self, key: str) -> None:
         path = self._path(key)
+        self._etags.pop(key, None)
         try:
             path.unlink(missing_ok=True)
         except OSError as error:
