@@ -583,7 +583,8 @@ def section_hot(work: Path, sources: dict[str, Source], seconds: int, rounds: in
         env = {**os.environ, "BENCH_BODY": str(store / path.lstrip("/"))}
         command = [
             PYTHON, "-m", "uvicorn", "--app-dir", str(BENCH), "minimal_asgi:app", "--host", "127.0.0.1",
-            "--port", str(port), "--no-access-log", "--no-server-header", "--log-level", "warning",
+            "--port", str(port), "--no-access-log", "--no-server-header", "--no-proxy-headers",
+            "--log-level", "warning",
         ]
         stack.enter_context(process(command, env, work / "minimal.log", f"http://127.0.0.1:{port}/"))
         urls["minimal_asgi"] = f"http://127.0.0.1:{port}/"
