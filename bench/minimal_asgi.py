@@ -3,7 +3,8 @@
 It sends the headers that the proxy sends for a variant, so the two differ only in
 the work done per request. The harness runs it with uvicorn as the proxy is run:
 
-    BENCH_BODY=/path/photo-720.jpg uvicorn --app-dir bench minimal_asgi:app
+    BENCH_BODY=/path/photo-720.jpg uvicorn --app-dir bench minimal_asgi:app \
+        --no-access-log --no-server-header --no-proxy-headers
 """
 
 import os
