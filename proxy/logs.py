@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import select
 import threading
 import time
 from datetime import datetime, timezone
@@ -86,6 +87,9 @@ def lean_log_records() -> None:
     logging.logMultiprocessing = False
 
 
+# The size up to which a write to a pipe is atomic: 4096 bytes on Linux.
+PIPE_BUF = getattr(select, "PIPE_BUF", 512)
+
 # The current process's id, kept up to date across forks: `os.getpid()` is a
 # system call, and the handler checks the process on every line.
 _process_id = os.getpid()
@@ -156,14 +160,30 @@ class BufferedStreamHandler(logging.StreamHandler):
             except Exception:
                 lines.append(formatter.line(created, levelname, name, f"{message} (unformattable arguments)"))
         self._pending.clear()
-        lines.append("")
         try:
-            self.stream.write(self.terminator.join(lines))
-            super().flush()
+            # A write of at most PIPE_BUF bytes to a pipe is not interleaved with
+            # other processes' writes, so workers that share standard error keep
+            # their lines whole. A longer line goes in a write of its own.
+            chunk: list[str] = []
+            size = 0
+            for line in lines:
+                # UTF-8 takes at most 4 bytes a character, and an escape at most 10.
+                line_size = (len(line) if line.isascii() else 10 * len(line)) + len(self.terminator)
+                if chunk and size + line_size > PIPE_BUF:
+                    self._write_chunk(chunk)
+                    chunk, size = [], 0
+                chunk.append(line)
+                size += line_size
+            if chunk:
+                self._write_chunk(chunk)
         except Exception:
             # The stream is the log itself, so there is nowhere left to report
             # the failure. The batch is dropped and the process goes on.
             pass
+
+    def _write_chunk(self, lines: list[str]) -> None:
+        self.stream.write(self.terminator.join(lines) + self.terminator)
+        super().flush()
 
     def _start_flusher(self) -> None:
         # Lines pending in a forked child were the parent's, and the parent writes them.

@@ -170,3 +170,34 @@ def test_response_counters_exported_as_counters():
     assert 'resize_proxy_variants_served_total{layer="memory"} 1.0' in page
     assert 'resize_proxy_variants_served_total{layer="generated"} 1.0' in page
     assert "resize_proxy_response_bytes_total 1512.0" in page
+
+
+class RecordingStream:
+    """A text stream that keeps each write, as the system call it flushes to."""
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_batch_written_in_pipe_sized_chunks():
+    stream = RecordingStream()
+    logger = buffered_logger("chunks", stream, interval=NEVER)
+
+    for number in range(200):
+        logger.info("line %03d %s", number, "x" * 80)
+    logger.info("accent é")
+    logger.handlers[0].flush()
+
+    assert len(stream.writes) > 1
+    assert all(len(text.encode()) <= logs.PIPE_BUF for text in stream.writes)
+    assert all(text.endswith("\n") for text in stream.writes)
+    lines = "".join(stream.writes).splitlines()
+    assert [line.split(" ")[5] for line in lines[:200]] == [f"{number:03d}" for number in range(200)]
+    assert lines[200].endswith("accent é")
