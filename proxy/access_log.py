@@ -2,6 +2,7 @@
 
 import asyncio
 import itertools
+import json
 import logging
 import os
 import re
@@ -72,7 +73,8 @@ class AccessLogMiddleware:
                 status = message["status"]
                 return
             await send(message)
-            if message["type"] == "http.response.body":
+            # The server sends no body in a response to HEAD.
+            if message["type"] == "http.response.body" and scope["method"] != "HEAD":
                 body_bytes += len(message.get("body", b""))
 
         try:
@@ -142,13 +144,16 @@ def log_request(
     """Write the request's line, and count it by route, status and layer, with its body bytes."""
     duration_ms = (time.perf_counter() - started) * 1000
     metrics.RESPONSES.count(route, status, layer, body_bytes)
-    args = (request_id, scope["method"], raw_path_of(scope), status, duration_ms, layer or "-", error or "-")
+    error_field = json.dumps(error) if error else "-"
+    args = (request_id, scope["method"], raw_path_of(scope), status, duration_ms, layer or "-", error_field)
     if status >= 500:
         logger.warning(ACCESS_LINE, *args)
     elif not logs.queue_info(logger, ACCESS_LINE, args):
         logger.info(ACCESS_LINE, *args)
 
 
+# The error is a JSON string, so that a path quoted in it cannot add fields:
+# `error="source original/a status=200.* not found"`.
 ACCESS_LINE = "request id=%s method=%s path=%s status=%d duration_ms=%.1f layer=%s error=%s"
 
 

@@ -89,6 +89,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
             app.state.variants.close()
             await app.state.store.close()
             logger.info("resize-proxy stopped")
+            logs.write_through()
 
     app = ProxyApp(
         title="resize-proxy",

@@ -6,6 +6,7 @@ import os
 import select
 import threading
 import time
+import weakref
 from datetime import datetime, timezone
 from typing import TextIO
 
@@ -123,6 +124,9 @@ class BufferedStreamHandler(logging.StreamHandler):
         self.max_lines = max_lines
         # Formatted lines, or the fields of lines that `queue_info` queued.
         self._pending: list[str | tuple] = []
+        # Set by `write_through`: every line is then written at once.
+        self.immediate = False
+        _buffered_handlers.add(self)
         # The process whose flusher thread runs; a forked child starts its own.
         self._flusher_pid: int | None = None
 
@@ -143,7 +147,7 @@ class BufferedStreamHandler(logging.StreamHandler):
         if self._flusher_pid != _process_id:
             self._start_flusher()
         self._pending.append(entry)
-        if urgent or len(self._pending) >= self.max_lines:
+        if urgent or self.immediate or len(self._pending) >= self.max_lines:
             self._write_pending()
 
     def _write_pending(self) -> None:
@@ -198,6 +202,22 @@ class BufferedStreamHandler(logging.StreamHandler):
             time.sleep(self.interval)
             if self._pending:
                 self.flush()
+
+
+_buffered_handlers: "weakref.WeakSet[BufferedStreamHandler]" = weakref.WeakSet()
+
+
+def write_through() -> None:
+    """Write what every BufferedStreamHandler holds, and from now on each line at once.
+
+    A worker process of `serve --workers N` ends by re-raising the SIGTERM that
+    uvicorn sent it, which kills it before the interpreter's exit could flush
+    the log. The app calls this when it stops, so no line is lost.
+    """
+    for handler in list(_buffered_handlers):
+        with handler.lock:
+            handler.immediate = True
+            handler._write_pending()
 
 
 def queue_info(logger: logging.Logger, message: str, args: tuple) -> bool:

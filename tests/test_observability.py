@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import sys
 
 from conftest import make_image, running_app
@@ -191,3 +192,35 @@ def test_request_ids_unique_across_fork():
     # The counter part may match; the per-process part must not.
     assert re.fullmatch(r"[0-9a-f]{32}", child_id)
     assert child_id[:24] != parent_id[:24]
+
+
+async def test_head_counts_no_response_bytes(s3, bucket, settings_for):
+    settings = settings_for(storage=f"s3://{bucket}")
+
+    async with running_app(settings) as client:
+        first_page = await client.get("/metrics")
+        for path in ("/healthz", "/readyz", "/r/missing-360.jpg", "/r/bad"):
+            await client.head(path)
+        after = samples((await client.get("/metrics")).text)
+
+    before = samples(first_page.text)
+    # Only the body of the first page was sent in between.
+    grown = value(after, "resize_proxy_response_bytes_total") - value(before, "resize_proxy_response_bytes_total")
+    assert grown == len(first_page.content)
+
+
+async def test_access_line_error_quoted(s3, bucket, settings_for, caplog):
+    settings = settings_for(storage=f"s3://{bucket}")
+    caplog.set_level(logging.INFO, logger="proxy.access_log")
+
+    async with running_app(settings) as client:
+        response = await client.get("/r/a%20status=200%20layer=memory-360.jpg")
+
+    lines = [record.getMessage() for record in caplog.records if record.name == "proxy.access_log"]
+    line = next(line for line in lines if "status=404" in line)
+    # Split as a logfmt reader would: the quoted error is one field.
+    keys = [field.split("=", 1)[0] for field in shlex.split(line)]
+    assert response.status_code == 404
+    assert keys.count("status") == 1
+    assert keys.count("layer") == 1
+    assert json.loads(line.split(" error=", 1)[1]) == response.text.strip()

@@ -74,16 +74,16 @@ class ServerProcess:
 
 
 @pytest.fixture
-def start_server(tmp_path: Path) -> Iterator[Callable[[Path, dict[str, str]], ServerProcess]]:
+def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     """Start `resize-proxy serve` on a free port. Every server started is killed at teardown."""
     servers: list[ServerProcess] = []
 
-    def start(cwd: Path, env: dict[str, str]) -> ServerProcess:
+    def start(cwd: Path, env: dict[str, str], *arguments: str) -> ServerProcess:
         port = free_port()
         stderr_path = tmp_path / f"serve-{port}.stderr"
         with stderr_path.open("wb") as stderr_file:
             process = subprocess.Popen(
-                [sys.executable, "-m", "proxy", "serve", "--host", "127.0.0.1", "--port", str(port)],
+                [sys.executable, "-m", "proxy", "serve", "--host", "127.0.0.1", "--port", str(port), *arguments],
                 cwd=cwd,
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -267,3 +267,19 @@ def test_serve_sigterm_finishes_request_in_flight(
     assert response.status_code == 200
     assert decode(response.content).width == min(1200, decode(photo).width)
     assert status == 0, log
+
+
+def test_serve_workers_sigterm_keeps_log_lines(start_server, s3_server_env, tmp_path: Path) -> None:
+    server = start_server(tmp_path, s3_server_env, "--workers", "2")
+    ids = [f"before-stop-{number}" for number in range(20)]
+    for request_id in ids:
+        httpx.get(f"{server.base_url}/healthz", headers={"X-Request-ID": request_id}, timeout=REQUEST_TIMEOUT)
+
+    # At once, before the workers' 0.1 s batches are written.
+    status = server.terminate()
+
+    log = server.stderr()
+    assert status == 0, log
+    assert [request_id for request_id in ids if f"request id={request_id} " not in log] == []
+    # Each worker's app stopped and wrote its last line.
+    assert log.count("resize-proxy stopped") == 2

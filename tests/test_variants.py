@@ -311,7 +311,7 @@ async def test_memory_hit_send_failure_logged(caplog):
 
     lines = [record.getMessage() for record in caplog.records if record.name == "proxy.access_log"]
     assert any(line.startswith("unexpected error id=") for line in lines)
-    assert any("status=500" in line and "error=unexpected RuntimeError" in line for line in lines)
+    assert any("status=500" in line and 'error="unexpected RuntimeError"' in line for line in lines)
 
 
 async def test_memory_hit_logged_and_counted(s3, bucket, photo, s3_settings, caplog):
