@@ -107,15 +107,14 @@ os.register_at_fork(after_in_child=_note_fork)
 class BufferedStreamHandler(logging.StreamHandler):
     """Write lines to a stream in batches, at most `interval` seconds late.
 
-    A record at WARNING or above, a batch of `max_lines`, `flush()` and the
-    interpreter's exit write what is pending at once, in the order it was
-    logged. A process that is killed loses at most the last `interval` seconds
-    of lines.
+    A record at WARNING or above, a batch of `max_lines`, `flush()`,
+    `write_through()` and the interpreter's exit write what is pending at once,
+    in the order it was logged. A process that is killed loses at most the last
+    `interval` seconds of lines.
 
     With a `LineFormatter`, `queue_info` queues a line's fields without a log
-    record, and the line is formatted when the batch is written. The access log
-    writes one line per request this way: formatting a batch in one go took less
-    than half the time per line of formatting each line between requests.
+    record, and the line is formatted when the batch is written, mostly on the
+    flusher thread. The access log writes its line for each request this way.
     """
 
     def __init__(self, stream: TextIO | None = None, interval: float = 0.1, max_lines: int = 1000) -> None:
