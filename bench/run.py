@@ -679,8 +679,8 @@ def main() -> int:
         if "upload" in sections:
             results["upload"] = section_upload(work, sources, 2 if args.quick else 7)
         if "hot" in sections:
-            # Short rounds, many times: this VM's speed drifts by half within a
-            # minute, and each round's servers run close together in time.
+            # Short rounds, many times, because this VM's speed drifts by a third
+            # within a minute and each round's servers run close together in time.
             results["hot"] = section_hot(work, sources, 2 if args.quick else 3, 2 if args.quick else 8)
         if "memory" in sections:
             results["memory"] = section_memory(work, sources, 16 if args.quick else 48)

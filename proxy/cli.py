@@ -258,9 +258,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 def log_config(level: str, log_format: str = "text", *, buffered: bool = False) -> dict[str, Any]:
     """Logging set-up for uvicorn, which applies it in every worker process too.
 
-    `buffered` writes lines in batches at most 0.1 s late, and lets the access log
-    queue its lines without log records, which `serve` uses: a record and a
-    write per request took about half the time of a memory hit.
+    `buffered`, which `serve` sets, writes lines in batches at most 0.1 s late and
+    lets the access log queue its lines without log records. A record and a write
+    for each request took about half the time of a memory hit.
     """
     handler_class = "proxy.logs.BufferedStreamHandler" if buffered else "logging.StreamHandler"
     return {
@@ -275,8 +275,8 @@ def log_config(level: str, log_format: str = "text", *, buffered: bool = False) 
         },
         "root": {"handlers": ["stderr"], "level": level},
         "loggers": {
-            # The same handler, given to the access log directly: `access_log`
-            # then writes its line to the buffer without making a log record.
+            # The same handler, given to the access log directly, so that
+            # `access_log` can queue its lines without making log records.
             **({"proxy.access_log": {"handlers": ["stderr"], "propagate": False}} if buffered else {}),
             "uvicorn": {"level": level},
             "botocore": {"level": "WARNING"},

@@ -195,8 +195,8 @@ class BufferedStreamHandler(logging.StreamHandler):
         threading.Thread(target=self._flush_periodically, name="log-flusher", daemon=True).start()
 
     def _flush_periodically(self) -> None:
-        # The thread wakes up ten times a second, lines or not. Waking it from
-        # `_append` instead would make the request thread hand over the GIL.
+        # The thread wakes up every `interval` seconds whether or not lines are
+        # pending, so `_append` never has to wake it.
         while True:
             time.sleep(self.interval)
             if self._pending:
@@ -227,7 +227,8 @@ def queue_info(logger: logging.Logger, message: str, args: tuple) -> bool:
     give: `logger` does not propagate and its only handler is a
     `BufferedStreamHandler` with a `LineFormatter` and no filters, as `serve`
     sets up the access log. Otherwise nothing is queued, and the caller logs
-    the record. Making and routing a record took 20 µs, a third of a memory hit.
+    the record. Making and routing a record took about 20 µs of a 52 µs memory
+    hit, timed in one process.
     """
     handlers = logger.handlers
     if len(handlers) != 1 or logger.propagate or logger.disabled or logger.filters:

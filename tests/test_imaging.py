@@ -289,7 +289,7 @@ def test_cascaded_widths_close_to_direct_resize(photo, settings):
         mean_squared_error = (difference * difference).avg()
         assert (cascaded.width, cascaded.height) == (direct.width, direct.height)
         # Each width comes from the next larger one, which changes some pixels
-        # slightly; above 40 dB of PSNR the two look the same.
+        # slightly. Above 45 dB of PSNR the two look the same.
         assert 10 * math.log10(255**2 / max(mean_squared_error, 1e-9)) > 45
 
 

@@ -94,7 +94,7 @@ def test_queued_line_matches_logged_record(formatter_class, monkeypatch):
     assert stream.getvalue() == formatter.format(record) + "\n"
 
 
-def test_queue_info_declines_other_set_ups():
+def test_queue_info_declines_other_setups():
     stream = io.StringIO()
     logger = buffered_logger("declines", stream, interval=NEVER)
     assert logs.queue_info(logger, "%s", ("queued",))

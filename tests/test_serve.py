@@ -275,7 +275,7 @@ def test_serve_workers_sigterm_keeps_log_lines(start_server, s3_server_env, tmp_
     for request_id in ids:
         httpx.get(f"{server.base_url}/healthz", headers={"X-Request-ID": request_id}, timeout=REQUEST_TIMEOUT)
 
-    # At once, before the workers' 0.1 s batches are written.
+    # Sent at once, before the workers' 0.1 s batches are written.
     status = server.terminate()
 
     log = server.stderr()
