@@ -97,13 +97,17 @@ class AccessLogMiddleware:
             log_request(scope, request_id, status, started, state.get("layer"), state.get("error"), route, body_bytes)
 
 
-async def send_logged(scope: Scope, send: Send, headers: tuple, body: bytes, layer: str, route: str) -> None:
+async def send_logged(
+    scope: Scope, send: Send, headers: tuple, body: bytes, layer: str, route: str, request_id: str | None = None
+) -> None:
     """Send a whole 200 response made without the app, then log and count it as the middleware would.
 
     Memory-cache hits take this path, which skips the middleware and routing.
+    `request_id` is the request's id when the caller has already found it.
     """
     started = time.perf_counter()
-    request_id = _request_id(scope)
+    if request_id is None:
+        request_id = _request_id(scope)
     status = 500
     error = None
     sent = 0
@@ -174,10 +178,17 @@ os.register_at_fork(after_in_child=_new_id_prefix)
 def _request_id(scope: Scope) -> str:
     for name, value in scope["headers"]:
         if name == b"x-request-id":
-            text = value.decode("latin-1")
-            if 0 < len(text) <= MAX_REQUEST_ID_LENGTH and REQUEST_ID.fullmatch(text):
-                return text
-            break
+            return request_id_of(value)
+    return request_id_of(None)
+
+
+def request_id_of(given: bytes | None) -> str:
+    """Return the request id: the client's `given` X-Request-ID if it is short and
+    printable, or else a new one."""
+    if given is not None and 0 < len(given) <= MAX_REQUEST_ID_LENGTH:
+        text = given.decode("latin-1")
+        if REQUEST_ID.fullmatch(text):
+            return text
     return f"{_id_prefix}{next(_id_counter) & 0xFFFFFFFF:08x}"
 
 

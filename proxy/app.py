@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import PlainTextResponse
 from starlette.types import Receive, Scope, Send
 
-from .access_log import AccessLogMiddleware, raw_path_of, send_logged
+from .access_log import AccessLogMiddleware, raw_path_of, request_id_of, send_logged
 from . import imaging, logs, metrics
 from .errors import Overloaded, ProxyError, StoreFailed, StoreTimedOut, Unauthorized
 from .event_endpoint import receive_events
@@ -42,14 +42,15 @@ class ProxyApp(FastAPI):
         variants = self.hot_variants
         if scope["type"] == "http" and variants is not None:
             try:
-                variant = memory_hit(scope, variants)
+                hit = memory_hit(scope, variants)
             except Exception:
                 # A bug here must not fail the request: the full path serves it.
                 logger.exception("unexpected error looking up the memory cache path=%s", raw_path_of(scope))
-                variant = None
-            if variant is not None:
+                hit = None
+            if hit is not None:
+                variant, request_id = hit
                 body = b"" if scope["method"] == "HEAD" else variant.body
-                await send_logged(scope, send, variant.headers, body, "memory", "variant")
+                await send_logged(scope, send, variant.headers, body, "memory", "variant", request_id)
                 return
         await super().__call__(scope, receive, send)
 
@@ -168,18 +169,24 @@ async def readyz(request: Request) -> PlainTextResponse:
 CONDITIONAL_HEADERS = (b"if-none-match", b"if-modified-since")
 
 
-def memory_hit(scope: Scope, variants: VariantService) -> Variant | None:
-    """Return the variant in the memory cache that serves this request, if there is one.
+def memory_hit(scope: Scope, variants: VariantService) -> tuple[Variant, str] | None:
+    """Return the variant in the memory cache that serves this request, and the
+    request's id, if there is one.
 
     The response made from it is the one `serve_variant` gives. Anything else
     (another method or route, a conditional request, a path that does not parse,
     a miss) returns None and takes the full path.
     """
-    if scope["method"] not in ("GET", "HEAD") or not scope["path"].startswith(variants.settings.variant_url_prefix):
+    method = scope["method"]
+    if (method != "GET" and method != "HEAD") or not scope["path"].startswith(variants.url_prefix):
         return None
-    for name, _ in scope["headers"]:
+    # One pass over the headers finds both the conditional ones and the request id.
+    given_id = None
+    for name, value in scope["headers"]:
         if name in CONDITIONAL_HEADERS:
             return None
+        if name == b"x-request-id" and given_id is None:
+            given_id = value
     raw_path = scope.get("raw_path") or quote(scope["path"]).encode()
     try:
         parsed = variants.parse(raw_path)
@@ -187,9 +194,10 @@ def memory_hit(scope: Scope, variants: VariantService) -> Variant | None:
         return None
     # Indexing took a quarter of the time of `get` (1 µs against 4 µs) with cachetools 8.
     try:
-        return variants.memory[parsed.key]
+        variant = variants.memory[parsed.key]
     except KeyError:
         return None
+    return variant, request_id_of(given_id)
 
 
 async def serve_variant(request: Request) -> Response:

@@ -53,6 +53,8 @@ class VariantService:
     def __init__(self, store: Store, settings: Settings) -> None:
         self.store = store
         self.settings = settings
+        # The URL path prefix of variants, read on every memory hit.
+        self.url_prefix = settings.variant_url_prefix
         # Entries expire, because another process (a worker, a replica) may
         # replace or delete a variant without this one hearing of it.
         self.memory: TTLCache[str, Variant] = TTLCache(

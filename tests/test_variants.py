@@ -332,6 +332,27 @@ async def test_memory_hit_logged_and_counted(s3, bucket, photo, s3_settings, cap
     assert after - before == 1
 
 
+async def test_memory_hit_request_id_kept_or_replaced(s3, bucket, photo, s3_settings, caplog):
+    s3.put_object(Bucket=bucket, Key="original/a/b/photo.jpg", Body=photo)
+    caplog.set_level(logging.INFO, logger="proxy.access_log")
+
+    async with running_app(s3_settings) as client:
+        await client.get("/r/a/b/photo-720.jpg")
+        kept = await client.get("/r/a/b/photo-720.jpg", headers={"X-Request-ID": "edge-42"})
+        replaced = await client.get("/r/a/b/photo-720.jpg", headers={"X-Request-ID": "has space"})
+        conditional = await client.get(
+            "/r/a/b/photo-720.jpg", headers={"X-Request-ID": "edge-43", "If-None-Match": kept.headers["etag"]}
+        )
+
+    assert kept.headers["x-request-id"] == "edge-42"
+    assert re.fullmatch(r"[0-9a-f]{32}", replaced.headers["x-request-id"])
+    assert (conditional.status_code, conditional.headers["x-request-id"]) == (304, "edge-43")
+    lines = [record.getMessage() for record in caplog.records if record.name == "proxy.access_log"]
+    assert any(line.startswith("request id=edge-42 ") and "layer=memory" in line for line in lines)
+    replaced_line = f"request id={replaced.headers['x-request-id']} "
+    assert any(line.startswith(replaced_line) and "layer=memory" in line for line in lines)
+
+
 async def test_conditional_memory_hit_takes_full_path(s3, bucket, photo, s3_settings):
     s3.put_object(Bucket=bucket, Key="original/a/b/photo.jpg", Body=photo)
     async with running_app(s3_settings) as client:
