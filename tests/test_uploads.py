@@ -152,6 +152,63 @@ async def test_upload_encodes_run_in_parallel(s3, bucket, photo, uploads, monkey
     assert variant_keys(s3, bucket) == expected_keys("trips/photo")
 
 
+async def test_upload_stores_variants_while_others_encode(s3, bucket, photo, uploads, counting_store, monkeypatch):
+    stored = threading.Event()
+    put = counting_store.put
+
+    async def recording_put(*args):
+        result = await put(*args)
+        stored.set()
+        return result
+
+    encode = imaging.encode_variant
+    waited = []
+
+    def encode_after_a_put(decoded, width, output_format, settings):
+        # The cheapest variant is encoded last; it waits for a variant to be stored.
+        if (width, output_format) == (360, "jpg"):
+            waited.append(stored.wait(timeout=10))
+        return encode(decoded, width, output_format, settings)
+
+    monkeypatch.setattr(counting_store, "put", recording_put)
+    monkeypatch.setattr(imaging, "encode_variant", encode_after_a_put)
+
+    outcomes = await make_photo_variants(s3, bucket, photo, uploads)
+
+    assert [outcome.result for outcome in outcomes] == [MADE]
+    assert waited == [True]
+    assert variant_keys(s3, bucket) == expected_keys("trips/photo")
+
+
+async def test_failed_encode_forgets_variants_already_stored(
+    s3, bucket, photo, s3_settings, counting_store, executor, monkeypatch
+):
+    service = VariantService(counting_store, s3_settings)
+    uploads = UploadHandler(counting_store, s3_settings, executor, variants=service)
+    keys = expected_keys("trips/photo")
+    for key in keys:
+        service.memory[key] = fake_variant(key)
+    encode = imaging.encode_variant
+
+    def failing_encode(decoded, width, output_format, settings):
+        if (width, output_format) == (360, "jpg"):
+            raise imaging.UndecodableSource("encoder failed")
+        return encode(decoded, width, output_format, settings)
+
+    monkeypatch.setattr(imaging, "encode_variant", failing_encode)
+    try:
+        outcomes = await make_photo_variants(s3, bucket, photo, uploads)
+    finally:
+        service.close()
+
+    assert [(outcome.result, outcome.reason) for outcome in outcomes] == [(FAILED, "encoder failed")]
+    written = variant_keys(s3, bucket)
+    assert written and "r/trips/photo-360.jpg" not in written
+    for key in written:
+        assert key not in service.memory, key
+    assert "r/trips/photo-360.jpg" in service.memory
+
+
 async def test_same_event_twice_same_bytes(s3, bucket, photo, uploads):
     await make_photo_variants(s3, bucket, photo, uploads)
     first = {key: read(s3, bucket, key) for key in variant_keys(s3, bucket)}
