@@ -1,5 +1,6 @@
 """Log formats: plain text lines, or one JSON object per line for log collectors."""
 
+import collections
 import json
 import logging
 import os
@@ -121,8 +122,10 @@ class BufferedStreamHandler(logging.StreamHandler):
         super().__init__(stream)
         self.interval = interval
         self.max_lines = max_lines
-        # Formatted lines, or the fields of lines that `queue_info` queued.
-        self._pending: list[str | tuple] = []
+        # Formatted lines, or the fields of lines that `queue_info` queued. A
+        # deque's append is atomic, so lines are queued without the lock; only
+        # writing them takes it.
+        self._pending: collections.deque[str | tuple] = collections.deque()
         # Set by `write_through`: every line is then written at once.
         self.immediate = False
         _buffered_handlers.add(self)
@@ -142,18 +145,25 @@ class BufferedStreamHandler(logging.StreamHandler):
         with self.lock:
             self._write_pending()
 
-    def _append(self, entry: str | tuple, *, urgent: bool) -> None:
+    def _append(self, entry: str | tuple, urgent: bool = False) -> None:
+        """Queue `entry`, and write what is pending if it is urgent or a batch is full.
+
+        The lock need not be held.
+        """
         if self._flusher_pid != _process_id:
             self._start_flusher()
         self._pending.append(entry)
         if urgent or self.immediate or len(self._pending) >= self.max_lines:
-            self._write_pending()
+            with self.lock:
+                self._write_pending()
 
     def _write_pending(self) -> None:
-        if not self._pending:
+        # The lock is held, so only lines queued meanwhile are added while this runs.
+        pending = self._pending
+        if not pending:
             return
         lines = []
-        for entry in self._pending:
+        for entry in [pending.popleft() for _ in range(len(pending))]:
             if isinstance(entry, str):
                 lines.append(entry)
                 continue
@@ -162,7 +172,6 @@ class BufferedStreamHandler(logging.StreamHandler):
                 lines.append(formatter.line(created, levelname, name, message % args))
             except Exception:
                 lines.append(formatter.line(created, levelname, name, f"{message} (unformattable arguments)"))
-        self._pending.clear()
         try:
             # A write of at most PIPE_BUF bytes to a pipe is not interleaved with
             # other processes' writes, so workers that share standard error keep
@@ -189,10 +198,13 @@ class BufferedStreamHandler(logging.StreamHandler):
         super().flush()
 
     def _start_flusher(self) -> None:
-        # Lines pending in a forked child were the parent's, and the parent writes them.
-        self._pending.clear()
-        self._flusher_pid = _process_id
-        threading.Thread(target=self._flush_periodically, name="log-flusher", daemon=True).start()
+        with self.lock:
+            if self._flusher_pid == _process_id:
+                return
+            # Lines pending in a forked child were the parent's, and the parent writes them.
+            self._pending.clear()
+            self._flusher_pid = _process_id
+            threading.Thread(target=self._flush_periodically, name="log-flusher", daemon=True).start()
 
     def _flush_periodically(self) -> None:
         # The thread wakes up every `interval` seconds whether or not lines are
@@ -239,6 +251,5 @@ def queue_info(logger: logging.Logger, message: str, args: tuple) -> bool:
     formatter = handler.formatter
     if not isinstance(formatter, LineFormatter) or not logger.isEnabledFor(logging.INFO):
         return False
-    with handler.lock:
-        handler._append((formatter, time.time(), "INFO", logger.name, message, args), urgent=False)
+    handler._append((formatter, time.time(), "INFO", logger.name, message, args))
     return True

@@ -3,6 +3,7 @@
 import io
 import logging
 import os
+import threading
 import time
 
 import pytest
@@ -134,6 +135,29 @@ def test_unformattable_queued_line_still_written():
     lines = stream.getvalue().splitlines()
     assert lines[0].endswith("count=%d (unformattable arguments)")
     assert lines[1].endswith(" after")
+
+
+def test_lines_queued_from_threads_each_written_once():
+    stream = io.StringIO()
+    # Small batches and a short interval, so that writes run while other threads queue.
+    logger = buffered_logger("threads", stream, interval=0.001, max_lines=7)
+
+    def queue(thread: int) -> None:
+        for number in range(2000):
+            logs.queue_info(logger, "thread=%d line=%d", (thread, number))
+
+    threads = [threading.Thread(target=queue, args=(thread,)) for thread in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    logger.handlers[0].flush()
+
+    lines = [line.split(" tests.logs.threads ", 1)[1] for line in stream.getvalue().splitlines()]
+    assert sorted(lines) == sorted(f"thread={thread} line={number}" for thread in range(4) for number in range(2000))
+    for thread in range(4):
+        numbers = [int(line.split("line=")[1]) for line in lines if line.startswith(f"thread={thread} ")]
+        assert numbers == sorted(numbers)
 
 
 def test_forked_child_drops_parent_lines(tmp_path):
