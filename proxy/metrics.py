@@ -35,28 +35,31 @@ class ResponseCounters:
 
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         self._lock = threading.Lock()
-        self._requests: dict[tuple[str, int], int] = {}
-        self._served: dict[str, int] = {}
+        # Responses by (route, status, layer); `collect` adds them up per counter.
+        self._responses: dict[tuple[str, int, str | None], int] = {}
         self._body_bytes = 0
         registry.register(self)
 
     def count(self, route: str, status: int, layer: str | None, body_bytes: int) -> None:
+        key = (route, status, layer)
         with self._lock:
-            key = (route, status)
-            self._requests[key] = self._requests.get(key, 0) + 1
-            if layer in VARIANT_LAYERS:
-                self._served[layer] = self._served.get(layer, 0) + 1
+            self._responses[key] = self._responses.get(key, 0) + 1
             self._body_bytes += body_bytes
 
     def collect(self) -> Iterator[Metric]:
+        requests: dict[tuple[str, int], int] = {}
+        served: dict[str, int] = {}
         with self._lock:
-            requests = list(self._requests.items())
-            served = list(self._served.items())
+            responses = list(self._responses.items())
             body_bytes = self._body_bytes
+        for (route, status, layer), count in responses:
+            requests[route, status] = requests.get((route, status), 0) + count
+            if layer in VARIANT_LAYERS:
+                served[layer] = served.get(layer, 0) + count
         family = CounterMetricFamily(
             "resize_proxy_requests_total", "HTTP requests by route and status code.", labels=["route", "status"]
         )
-        for (route, status), count in requests:
+        for (route, status), count in requests.items():
             family.add_metric([route, str(status)], count)
         yield family
         family = CounterMetricFamily(
@@ -64,7 +67,7 @@ class ResponseCounters:
             "Variant responses by the layer that served them: memory, store or generated.",
             labels=["layer"],
         )
-        for layer, count in served:
+        for layer, count in served.items():
             family.add_metric([layer], count)
         yield family
         yield CounterMetricFamily(
