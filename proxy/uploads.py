@@ -258,38 +258,28 @@ class UploadHandler:
         loop = asyncio.get_running_loop()
         decode = functools.partial(imaging.decode_source, skip_oversized=True)
         decoded = await loop.run_in_executor(self.executor, decode, stored.body, sizes, self.settings)
-        writes = asyncio.Semaphore(MAX_PARALLEL_WRITES)
-        written: set[tuple[int, str]] = set()
-
-        async def make(width: int, output_format: str) -> None:
-            image = await loop.run_in_executor(
-                self.executor, imaging.encode_variant, decoded, width, output_format, self.settings
-            )
-            # Stored as soon as it is encoded, so the writes overlap the encodes
-            # still running instead of following the last one.
-            async with writes:
-                await self.store.put(
-                    source.variant_key(self.settings, width, output_format),
-                    image.body,
-                    image.content_type,
-                    self.settings.cache_control,
-                )
-            written.add((width, output_format))
-
         # The encodes share the decoded pixels and run in parallel on the resize
         # threads. The costliest start first, so that the threads end together.
         order = sorted(decoded.sizes, key=_encode_cost, reverse=True)
-        try:
-            await _gather_all([asyncio.ensure_future(make(width, fmt)) for width, fmt in order])
-        finally:
-            if len(written) < len(order):
-                # After a failure, the variants already stored replace what the
-                # memory cache holds of those keys.
-                self._forget(source, [source.variant_key(self.settings, *size) for size in written])
-        keys = [(source.variant_key(self.settings, *size), size) for size in sizes]
-        # A tall image may exceed WebP's side limit; its JPEG variants are still
-        # made, and the HTTP path returns 422 for the rest.
-        return [key for key, size in keys if size in written], [key for key, size in keys if size not in written]
+        encodes = [
+            loop.run_in_executor(self.executor, imaging.encode_variant, decoded, width, fmt, self.settings)
+            for width, fmt in order
+        ]
+        encoded = dict(zip(order, await _gather_all(encodes), strict=True))
+        images = [encoded.get(size) for size in sizes]
+
+        written, skipped, writes = [], [], []
+        for (width, fmt), image in zip(sizes, images, strict=True):
+            key = source.variant_key(self.settings, width, fmt)
+            if image is None:
+                # A tall image may exceed WebP's side limit; its JPEG variants
+                # are still made, and the HTTP path returns 422 for the rest.
+                skipped.append(key)
+                continue
+            written.append(key)
+            writes.append(self.store.put(key, image.body, image.content_type, self.settings.cache_control))
+        await _gather_bounded(writes)
+        return written, skipped
 
     async def _owned_formats(self, source: Source) -> tuple[set[str], set[str]]:
         """Return the output extensions whose variants come from this source, and

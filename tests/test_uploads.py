@@ -152,42 +152,12 @@ async def test_upload_encodes_run_in_parallel(s3, bucket, photo, uploads, monkey
     assert variant_keys(s3, bucket) == expected_keys("trips/photo")
 
 
-async def test_upload_stores_variants_while_others_encode(s3, bucket, photo, uploads, counting_store, monkeypatch):
-    stored = threading.Event()
-    put = counting_store.put
-
-    async def recording_put(*args):
-        result = await put(*args)
-        stored.set()
-        return result
-
-    encode = imaging.encode_variant
-    waited = []
-
-    def encode_after_a_put(decoded, width, output_format, settings):
-        # The cheapest variant is encoded last; it waits for a variant to be stored.
-        if (width, output_format) == (360, "jpg"):
-            waited.append(stored.wait(timeout=10))
-        return encode(decoded, width, output_format, settings)
-
-    monkeypatch.setattr(counting_store, "put", recording_put)
-    monkeypatch.setattr(imaging, "encode_variant", encode_after_a_put)
-
-    outcomes = await make_photo_variants(s3, bucket, photo, uploads)
-
-    assert [outcome.result for outcome in outcomes] == [MADE]
-    assert waited == [True]
-    assert variant_keys(s3, bucket) == expected_keys("trips/photo")
-
-
-async def test_failed_encode_forgets_variants_already_stored(
-    s3, bucket, photo, s3_settings, counting_store, executor, monkeypatch
+async def test_failed_encode_uploads_none_and_keeps_previous(
+    s3, bucket, photo, uploads, counting_store, monkeypatch
 ):
-    service = VariantService(counting_store, s3_settings)
-    uploads = UploadHandler(counting_store, s3_settings, executor, variants=service)
-    keys = expected_keys("trips/photo")
-    for key in keys:
-        service.memory[key] = fake_variant(key)
+    await make_photo_variants(s3, bucket, photo, uploads)
+    before = {key: read(s3, bucket, key) for key in expected_keys("trips/photo")}
+    puts = counting_store.count("put")
     encode = imaging.encode_variant
 
     def failing_encode(decoded, width, output_format, settings):
@@ -196,17 +166,13 @@ async def test_failed_encode_forgets_variants_already_stored(
         return encode(decoded, width, output_format, settings)
 
     monkeypatch.setattr(imaging, "encode_variant", failing_encode)
-    try:
-        outcomes = await make_photo_variants(s3, bucket, photo, uploads)
-    finally:
-        service.close()
+    replacement = make_image(1600, 1000)
+    s3.put_object(Bucket=bucket, Key="original/trips/photo.jpg", Body=replacement, ContentType="image/jpeg")
+    outcomes = await uploads.handle_document(event(bucket, "original/trips/photo.jpg"))
 
     assert [(outcome.result, outcome.reason) for outcome in outcomes] == [(FAILED, "encoder failed")]
-    written = variant_keys(s3, bucket)
-    assert written and "r/trips/photo-360.jpg" not in written
-    for key in written:
-        assert key not in service.memory, key
-    assert "r/trips/photo-360.jpg" in service.memory
+    assert counting_store.count("put") == puts
+    assert {key: read(s3, bucket, key) for key in expected_keys("trips/photo")} == before
 
 
 async def test_same_event_twice_same_bytes(s3, bucket, photo, uploads):
