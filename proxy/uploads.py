@@ -192,6 +192,7 @@ class UploadHandler:
         variants, so none keeps showing an earlier upload. A failure becomes an
         Outcome with the reason, so this never raises.
         """
+        self._supersede(source)
         try:
             return await self._make(source, sizes or all_sizes(self.settings), replace_all=not sizes)
         except ProxyError as error:
@@ -301,6 +302,7 @@ class UploadHandler:
         Nothing is deleted while the source key exists, and the Outcome is SKIPPED.
         A failure becomes an Outcome with the reason, so this never raises.
         """
+        self._supersede(source)
         try:
             return await self._delete(source)
         except ProxyError as error:
@@ -327,6 +329,12 @@ class UploadHandler:
         # only a bare width and a format may follow the prefix.
         pattern = re.compile(r"[0-9]+\.(?:" + "|".join(OUTPUT_FORMATS) + r")")
         return [key for key in await self.store.list_keys(prefix) if pattern.fullmatch(key[len(prefix) :])]
+
+    def _supersede(self, source: Source) -> None:
+        # Variants that requests are making from what may be the earlier source
+        # are then not stored over the ones this event makes.
+        if self.variants is not None:
+            self.variants.supersede(self.settings.source_prefix + source.stem_path)
 
     def _forget(self, source: Source, keys: list[str]) -> None:
         if self.variants is not None:

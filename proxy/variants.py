@@ -81,6 +81,9 @@ class VariantService:
         self._source_flights: dict[str, asyncio.Future[StoredObject]] = {}
         # Generations admitted and not yet finished, at most PROXY_RESIZE_QUEUE.
         self._generations = 0
+        # Source base of each generation in progress, with whether an upload
+        # event has since superseded the source it read.
+        self._in_progress: dict[str, _Generation] = {}
 
     def parse(self, raw_path: bytes) -> VariantRequest:
         """Parse a raw variant URL path, remembering the result for the next request.
@@ -98,6 +101,21 @@ class VariantService:
 
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)
+
+    def supersede(self, source_base: str) -> None:
+        """Keep the variants being made from `source_base` out of the store and the cache.
+
+        An upload event calls this before it reads the source. A request that
+        read the earlier source still gets its variant, but storing it after the
+        event's own variants would replace them with the earlier image.
+        """
+        for generation in self._in_progress.values():
+            if generation.source_base == source_base:
+                generation.superseded = True
+        # Variants asked for from now on read the source again.
+        self.source_keys.pop(source_base, None)
+        for flight_key in [key for key in self._source_flights if key.startswith(source_base + ".")]:
+            del self._source_flights[flight_key]
 
     def forget(self, source_base: str, variant_keys: list[str]) -> None:
         """Drop what is remembered of a source whose variants were made or deleted."""
@@ -136,6 +154,7 @@ class VariantService:
             )
         self._generations += 1
         metrics.GENERATIONS_IN_PROGRESS.inc()
+        generation = self._in_progress[request.key] = _Generation(request.source_base)
         started = time.perf_counter()
         try:
             source = await self._fetch_source(request)
@@ -143,6 +162,15 @@ class VariantService:
             encoded = await self._run_in_pool(
                 imaging.make_variant, source.body, request.width, request.format, self.settings
             )
+            if generation.superseded:
+                logger.info(
+                    "variant made but not stored key=%s: an upload event replaced its source meanwhile",
+                    request.key,
+                )
+                unstored = StoredObject(
+                    request.key, encoded.body, encoded.content_type, md5_etag(encoded.body), datetime.now(timezone.utc)
+                )
+                return self._variant_of(unstored, "generated")
             stored = await self.store.put(
                 request.key, encoded.body, encoded.content_type, self.settings.cache_control
             )
@@ -150,6 +178,7 @@ class VariantService:
         finally:
             self._generations -= 1
             metrics.GENERATIONS_IN_PROGRESS.dec()
+            del self._in_progress[request.key]
 
         logger.info(
             "variant made key=%s source=%s width=%d height=%d bytes=%d",
@@ -205,6 +234,17 @@ class VariantService:
         return await loop.run_in_executor(self.executor, function, *args)
 
     def _remember(self, stored: StoredObject, layer: str) -> Variant:
+        """Make the variant of a stored object and keep it in the memory cache."""
+        variant = self._variant_of(stored, layer)
+        if self.memory.maxsize > 0:
+            try:
+                self.memory[variant.key] = variant
+            except ValueError:
+                # Larger than the whole cache: serve it without caching.
+                pass
+        return variant
+
+    def _variant_of(self, stored: StoredObject, layer: str) -> Variant:
         etag = stored.etag or md5_etag(stored.body)
         last_modified = stored.last_modified or datetime.now(timezone.utc)
         headers = (
@@ -214,14 +254,15 @@ class VariantService:
             (b"last-modified", format_datetime(last_modified, usegmt=True).encode()),
             (b"cache-control", self.settings.cache_control.encode()),
         )
-        variant = Variant(stored.key, stored.body, stored.content_type, etag, last_modified, layer, headers)
-        if self.memory.maxsize > 0:
-            try:
-                self.memory[variant.key] = variant
-            except ValueError:
-                # Larger than the whole cache: serve it without caching.
-                pass
-        return variant
+        return Variant(stored.key, stored.body, stored.content_type, etag, last_modified, layer, headers)
+
+
+@dataclass
+class _Generation:
+    """A variant being made on request, and the source base it reads."""
+
+    source_base: str
+    superseded: bool = False
 
 
 def choose_source(keys: Iterable[str], base: str, extension: str) -> str | None:
@@ -263,7 +304,9 @@ async def _single_flight(flights: dict[str, "asyncio.Future[T]"], key: str, work
 
 
 def _finish_flight(flights: dict[str, "asyncio.Future[T]"], key: str, task: "asyncio.Future[T]") -> None:
-    del flights[key]
+    # The flight may have been dropped already, and another started for the key.
+    if flights.get(key) is task:
+        del flights[key]
     # Marks a failure as retrieved even when every waiter has gone, so asyncio
     # does not report it as never retrieved.
     if not task.cancelled():

@@ -1,5 +1,6 @@
 """UploadHandler against moto's S3 server over HTTP, with real libvips and photos."""
 
+import asyncio
 import json
 import logging
 import threading
@@ -540,6 +541,41 @@ async def test_reupload_drops_stale_memory_entries(s3, bucket, s3_settings, coun
     assert "r/photo-800-720.jpg" in service.memory
     assert "r/other-720.jpg" in service.memory
     assert "original/photo" not in service.source_keys
+
+
+async def test_request_during_upload_event_stores_no_stale_variant(
+    s3, bucket, s3_settings, counting_store, executor, monkeypatch
+):
+    service = VariantService(counting_store, s3_settings)
+    uploads = UploadHandler(counting_store, s3_settings, executor, variants=service)
+    s3.put_object(Bucket=bucket, Key="original/pic.jpg", Body=solid([200, 30, 30], ".jpg"))
+    started, release = threading.Event(), threading.Event()
+    make_variant = imaging.make_variant
+
+    def held_make_variant(*args):
+        # The request has read the red source; it finishes after the event.
+        started.set()
+        release.wait(timeout=10)
+        return make_variant(*args)
+
+    monkeypatch.setattr(imaging, "make_variant", held_make_variant)
+    try:
+        request = asyncio.ensure_future(service.get(service.parse(b"/r/pic-360.jpg")))
+        assert await asyncio.to_thread(started.wait, 10)
+        s3.put_object(Bucket=bucket, Key="original/pic.jpg", Body=solid([30, 30, 200], ".jpg"))
+        outcomes = await uploads.handle_document(event(bucket, "original/pic.jpg"))
+        release.set()
+        served = await request
+    finally:
+        release.set()
+        service.close()
+
+    assert [outcome.result for outcome in outcomes] == [MADE]
+    # The request gets the image of the source it read, but the store and the
+    # memory cache keep the event's.
+    assert decode(served.body)(10, 10)[2] < 100
+    assert decode(read(s3, bucket, "r/pic-360.jpg"))(10, 10)[2] > 150
+    assert "r/pic-360.jpg" not in service.memory
 
 
 async def test_reupload_deletes_other_stored_formats(s3, bucket, uploads):
