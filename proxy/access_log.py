@@ -182,20 +182,26 @@ def _request_id(scope: Scope) -> str:
     return request_id_of(None)
 
 
-def request_id_of(given: bytes | None) -> str:
-    """Return the request id: the client's `given` X-Request-ID if it is short and
+def request_id_of(client_id: bytes | None) -> str:
+    """Return the request id: the client's `client_id` (its X-Request-ID) if it is short and
     printable, or else a new one."""
-    if given is not None and 0 < len(given) <= MAX_REQUEST_ID_LENGTH:
-        text = given.decode("latin-1")
+    if client_id is not None and 0 < len(client_id) <= MAX_REQUEST_ID_LENGTH:
+        text = client_id.decode("latin-1")
         if REQUEST_ID.fullmatch(text):
             return text
     return f"{_id_prefix}{next(_id_counter) & 0xFFFFFFFF:08x}"
+
+
+# Longer paths are cut in log lines, so that a line stays within one atomic pipe
+# write (4096 bytes) and `serve --workers N` cannot interleave it with another.
+MAX_LOGGED_PATH = 2000
 
 
 def raw_path_of(scope: Scope) -> str:
     # The raw path is still percent-encoded, so a control character in a hostile
     # URL cannot forge a line in the log.
     raw_path = scope.get("raw_path")
-    if raw_path is None:
-        return repr(scope["path"])
-    return raw_path.decode("latin-1")
+    path = repr(scope["path"]) if raw_path is None else raw_path.decode("latin-1")
+    if len(path) > MAX_LOGGED_PATH:
+        return path[:MAX_LOGGED_PATH] + "..."
+    return path

@@ -181,12 +181,12 @@ def memory_hit(scope: Scope, variants: VariantService) -> tuple[Variant, str] | 
     if (method != "GET" and method != "HEAD") or not scope["path"].startswith(variants.url_prefix):
         return None
     # One pass over the headers finds both the conditional ones and the request id.
-    given_id = None
+    client_id = None
     for name, value in scope["headers"]:
         if name in CONDITIONAL_HEADERS:
             return None
-        if name == b"x-request-id" and given_id is None:
-            given_id = value
+        if name == b"x-request-id" and client_id is None:
+            client_id = value
     raw_path = scope.get("raw_path") or quote(scope["path"]).encode()
     try:
         parsed = variants.parse(raw_path)
@@ -197,7 +197,7 @@ def memory_hit(scope: Scope, variants: VariantService) -> tuple[Variant, str] | 
         variant = variants.memory[parsed.key]
     except KeyError:
         return None
-    return variant, request_id_of(given_id)
+    return variant, request_id_of(client_id)
 
 
 async def serve_variant(request: Request) -> Response:

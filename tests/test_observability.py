@@ -224,3 +224,19 @@ async def test_access_line_error_quoted(s3, bucket, settings_for, caplog):
     assert keys.count("status") == 1
     assert keys.count("layer") == 1
     assert json.loads(line.split(" error=", 1)[1]) == response.text.strip()
+
+
+async def test_long_path_cut_in_access_line(s3, bucket, settings_for, caplog):
+    settings = settings_for(storage=f"s3://{bucket}")
+    caplog.set_level(logging.INFO, logger="proxy.access_log")
+    path = "/r/" + "x" * 6000 + "-720.jpg"
+
+    async with running_app(settings) as client:
+        response = await client.get(path)
+
+    request_id = f"id={response.headers['x-request-id']} "
+    line = next(record.getMessage() for record in caplog.records if request_id in record.getMessage())
+    logged_path = line.split(" path=", 1)[1].split(" ", 1)[0]
+    assert response.status_code in (400, 404)
+    assert logged_path == path[: access_log.MAX_LOGGED_PATH] + "..."
+    assert len(line.encode()) < 4096
