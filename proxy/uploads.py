@@ -279,7 +279,13 @@ class UploadHandler:
                 continue
             written.append(key)
             writes.append(self.store.put(key, image.body, image.content_type, self.settings.cache_control))
-        await _gather_bounded(writes)
+        try:
+            await _gather_bounded(writes)
+        except BaseException:
+            # The writes that succeeded replaced what the memory cache holds of
+            # their keys, so none of the keys may keep its cached copy.
+            self._forget(source, written)
+            raise
         return written, skipped
 
     async def _owned_formats(self, source: Source) -> tuple[set[str], set[str]]:

@@ -81,9 +81,10 @@ class VariantService:
         self._source_flights: dict[str, asyncio.Future[StoredObject]] = {}
         # Generations admitted and not yet finished, at most PROXY_RESIZE_QUEUE.
         self._generations = 0
-        # Source base of each generation in progress, with whether an upload
-        # event has since superseded the source it read.
-        self._in_progress: dict[str, _Generation] = {}
+        # The variant lookups in progress (store read, then making the variant
+        # if the store lacks it), each with its source base and whether an
+        # event for that source has come in since it started.
+        self._in_progress: dict[str, _Lookup] = {}
 
     def parse(self, raw_path: bytes) -> VariantRequest:
         """Parse a raw variant URL path, remembering the result for the next request.
@@ -103,23 +104,25 @@ class VariantService:
         self.executor.shutdown(wait=True, cancel_futures=True)
 
     def supersede(self, source_base: str) -> None:
-        """Keep the variants being made from `source_base` out of the store and the cache.
+        """Keep the variant lookups in progress for `source_base` out of the store and the cache.
 
-        An upload event calls this before it reads the source. A request that
-        read the earlier source still gets its variant, but storing it after the
-        event's own variants would replace them with the earlier image.
+        An event for the source calls this when it starts and, through
+        `forget`, when it ends. A request whose lookup read the earlier source
+        or variant still gets that copy, but storing or caching it would
+        replace what the event made. Requests from now on look up afresh
+        instead of joining those lookups.
         """
-        for generation in self._in_progress.values():
-            if generation.source_base == source_base:
-                generation.superseded = True
-        # Variants asked for from now on read the source again.
+        for key, lookup in self._in_progress.items():
+            if lookup.source_base == source_base:
+                lookup.superseded = True
+                self._variant_flights.pop(key, None)
         self.source_keys.pop(source_base, None)
         for flight_key in [key for key in self._source_flights if key.startswith(source_base + ".")]:
             del self._source_flights[flight_key]
 
     def forget(self, source_base: str, variant_keys: list[str]) -> None:
         """Drop what is remembered of a source whose variants were made or deleted."""
-        self.source_keys.pop(source_base, None)
+        self.supersede(source_base)
         for key in variant_keys:
             self.memory.pop(key, None)
 
@@ -141,8 +144,19 @@ class VariantService:
         return await _single_flight(self._variant_flights, request.key, lambda: self._load_or_make(request))
 
     async def _load_or_make(self, request: VariantRequest) -> Variant:
+        lookup = self._in_progress[request.key] = _Lookup(request.source_base)
+        try:
+            return await self._load_or_make_tracked(request, lookup)
+        finally:
+            # A later lookup of the key may have started after this one was superseded.
+            if self._in_progress.get(request.key) is lookup:
+                del self._in_progress[request.key]
+
+    async def _load_or_make_tracked(self, request: VariantRequest, lookup: "_Lookup") -> Variant:
         stored = await self.store.get(request.key)
         if stored is not None:
+            if lookup.superseded:
+                return self._variant_of(stored, "store")
             return self._remember(stored, "store")
 
         # Each admitted generation may hold a source and its decoded pixels, so
@@ -154,7 +168,6 @@ class VariantService:
             )
         self._generations += 1
         metrics.GENERATIONS_IN_PROGRESS.inc()
-        generation = self._in_progress[request.key] = _Generation(request.source_base)
         started = time.perf_counter()
         try:
             source = await self._fetch_source(request)
@@ -162,9 +175,9 @@ class VariantService:
             encoded = await self._run_in_pool(
                 imaging.make_variant, source.body, request.width, request.format, self.settings
             )
-            if generation.superseded:
+            if lookup.superseded:
                 logger.info(
-                    "variant made but not stored key=%s: an upload event replaced its source meanwhile",
+                    "variant made but not stored key=%s: an event for its source came in meanwhile",
                     request.key,
                 )
                 unstored = StoredObject(
@@ -178,7 +191,6 @@ class VariantService:
         finally:
             self._generations -= 1
             metrics.GENERATIONS_IN_PROGRESS.dec()
-            del self._in_progress[request.key]
 
         logger.info(
             "variant made key=%s source=%s width=%d height=%d bytes=%d",
@@ -258,8 +270,8 @@ class VariantService:
 
 
 @dataclass
-class _Generation:
-    """A variant being made on request, and the source base it reads."""
+class _Lookup:
+    """A variant being read from the store or made on request, and its source base."""
 
     source_base: str
     superseded: bool = False

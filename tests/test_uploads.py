@@ -15,6 +15,7 @@ from conftest import CountingStore, decode, make_image
 from event_documents import AWKWARD_KEYS, ENVELOPES, s3_notification, s3_record
 
 from proxy import imaging
+from proxy.errors import StoreFailed
 from proxy.store import open_store
 from proxy.uploads import DELETED, FAILED, MADE, SKIPPED, UploadHandler, open_upload_handler, source_of
 from proxy.variants import Variant, VariantService
@@ -564,6 +565,7 @@ async def test_request_during_upload_event_stores_no_stale_variant(
         assert await asyncio.to_thread(started.wait, 10)
         s3.put_object(Bucket=bucket, Key="original/pic.jpg", Body=solid([30, 30, 200], ".jpg"))
         outcomes = await uploads.handle_document(event(bucket, "original/pic.jpg"))
+        later = await service.get(service.parse(b"/r/pic-360.jpg"))
         release.set()
         served = await request
     finally:
@@ -572,10 +574,69 @@ async def test_request_during_upload_event_stores_no_stale_variant(
 
     assert [outcome.result for outcome in outcomes] == [MADE]
     # The request gets the image of the source it read, but the store and the
-    # memory cache keep the event's.
+    # memory cache keep the event's, and a request after the event gets it too.
     assert decode(served.body)(10, 10)[2] < 100
+    assert decode(later.body)(10, 10)[2] > 150
     assert decode(read(s3, bucket, "r/pic-360.jpg"))(10, 10)[2] > 150
-    assert "r/pic-360.jpg" not in service.memory
+    assert decode(service.memory["r/pic-360.jpg"].body)(10, 10)[2] > 150
+
+
+async def test_store_read_during_upload_event_not_cached(s3, bucket, s3_settings, counting_store, executor):
+    service = VariantService(counting_store, s3_settings)
+    uploads = UploadHandler(counting_store, s3_settings, executor, variants=service)
+    s3.put_object(Bucket=bucket, Key="original/pic.jpg", Body=solid([200, 30, 30], ".jpg"))
+    await uploads.handle_document(event(bucket, "original/pic.jpg"))
+    read_started, release = asyncio.Event(), asyncio.Event()
+    get = counting_store.get
+
+    async def held_get(key, *args, **options):
+        # The read returns the red variant, but only after the event has ended.
+        stored = await get(key, *args, **options)
+        if key == "r/pic-360.jpg" and not read_started.is_set():
+            read_started.set()
+            await release.wait()
+        return stored
+
+    counting_store.get = held_get
+    try:
+        request = asyncio.ensure_future(service.get(service.parse(b"/r/pic-360.jpg")))
+        await asyncio.wait_for(read_started.wait(), 10)
+        s3.put_object(Bucket=bucket, Key="original/pic.jpg", Body=solid([30, 30, 200], ".jpg"))
+        outcomes = await uploads.handle_document(event(bucket, "original/pic.jpg"))
+        release.set()
+        served = await request
+        later = await service.get(service.parse(b"/r/pic-360.jpg"))
+    finally:
+        release.set()
+        service.close()
+
+    assert [outcome.result for outcome in outcomes] == [MADE]
+    assert decode(served.body)(10, 10)[2] < 100
+    assert decode(later.body)(10, 10)[2] > 150
+
+
+async def test_failed_write_drops_memory_entries(s3, bucket, photo, s3_settings, counting_store, executor):
+    service = VariantService(counting_store, s3_settings)
+    uploads = UploadHandler(counting_store, s3_settings, executor, variants=service)
+    keys = expected_keys("trips/photo")
+    for key in keys:
+        service.memory[key] = fake_variant(key)
+    put = counting_store.put
+
+    async def failing_put(key, *args):
+        if key == "r/trips/photo-360.webp":
+            raise StoreFailed("simulated write failure")
+        return await put(key, *args)
+
+    counting_store.put = failing_put
+    try:
+        outcomes = await make_photo_variants(s3, bucket, photo, uploads)
+    finally:
+        service.close()
+
+    assert [(outcome.result, outcome.reason) for outcome in outcomes] == [(FAILED, "simulated write failure")]
+    assert "r/trips/photo-360.webp" not in variant_keys(s3, bucket)
+    assert [key for key in keys if key in service.memory] == []
 
 
 async def test_reupload_deletes_other_stored_formats(s3, bucket, uploads):
