@@ -194,7 +194,8 @@ def request_id_of(client_id: bytes | None) -> str:
 
 # Longer paths are cut in log lines, so that a line stays within one atomic pipe
 # write (4096 bytes) and `serve --workers N` cannot interleave it with another.
-MAX_LOGGED_PATH = 2000
+# JSON escaping can double the length of a path made of `"` characters.
+MAX_LOGGED_PATH = 1000
 
 
 def raw_path_of(scope: Scope) -> str:

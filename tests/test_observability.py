@@ -1,11 +1,13 @@
 """Health, readiness, Prometheus metrics and log formats."""
 
+import io
 import json
 import logging
 import os
 import re
 import shlex
 import sys
+import time
 
 from conftest import make_image, running_app
 from prometheus_client.parser import text_string_to_metric_families
@@ -13,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy import access_log
 from proxy import app as app_module
 from proxy.cli import log_config
-from proxy.logs import TextFormatter
+from proxy.logs import JsonFormatter, TextFormatter
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -240,3 +242,24 @@ async def test_long_path_cut_in_access_line(s3, bucket, settings_for, caplog):
     assert response.status_code in (400, 404)
     assert logged_path == path[: access_log.MAX_LOGGED_PATH] + "..."
     assert len(line.encode()) < 4096
+
+
+def test_long_quoted_path_json_line_within_pipe_write():
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    access_logger = logging.getLogger("proxy.access_log")
+    level = access_logger.level
+    access_logger.addHandler(handler)
+    access_logger.setLevel(logging.INFO)
+    # The HTTP parser lets `"` through unescaped, and JSON escapes each one.
+    scope = {"method": "GET", "path": "/r/x", "raw_path": b"/r/" + b'"' * 6000 + b"-720.jpg"}
+    try:
+        access_log.log_request(scope, "quoted", 400, time.perf_counter(), None, "bad path", "variant", 10)
+    finally:
+        access_logger.removeHandler(handler)
+        access_logger.setLevel(level)
+
+    (line,) = stream.getvalue().splitlines()
+    assert len(line.encode()) <= 4096
+    assert json.loads(line)["message"].startswith("request id=quoted ")
