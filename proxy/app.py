@@ -294,6 +294,10 @@ async def _error_response(request: Request, error: Exception) -> Response:
     return PlainTextResponse(error.message + "\n", status_code=error.status, headers=headers)
 
 
+# Methods as an error message names them.
+METHOD_ORDER = ("GET", "HEAD", "POST")
+
+
 async def _routing_error_response(request: Request, error: Exception) -> Response:
     """Give router errors (405, and 404 for paths no route matches) the plain-text form."""
     assert isinstance(error, StarletteHTTPException)
@@ -305,7 +309,13 @@ async def _routing_error_response(request: Request, error: Exception) -> Respons
             parse_variant_path(raw_path, request.app.state.settings)
         except ProxyError as proxy_error:
             return await _error_response(request, proxy_error)
-    message = {405: "method not allowed; use GET or HEAD"}.get(error.status_code, error.detail)
+    message = error.detail
+    if error.status_code == 405:
+        # The router's Allow header lists the methods of the path's route, in no fixed order.
+        allowed = (error.headers or {}).get("Allow", "GET, HEAD").split(", ")
+        ordered = [method for method in METHOD_ORDER if method in allowed]
+        ordered += sorted(set(allowed) - set(METHOD_ORDER))
+        message = f"method not allowed; use {' or '.join(ordered)}"
     settings: Settings = request.app.state.settings
     request.state.error = message
     # A 405 is the response to a method whose responses caches do not store.

@@ -831,6 +831,15 @@ async def test_405_plain_text_no_store(s3_settings):
     assert "GET or HEAD" in response.text
 
 
+async def test_405_names_the_route_methods(s3_settings):
+    async with running_app(s3_settings) as client:
+        response = await client.put("/events/s3", content=b"{}")
+
+    assert response.status_code == 405
+    assert response.headers["allow"] == "POST"
+    assert response.text == "method not allowed; use POST\n"
+
+
 @pytest.mark.parametrize("path", ["/r/a/b%0a-720.jpg", "/r/a/b%0d%0a-720.jpg", "/r/%0a/x-720.jpg"])
 async def test_newline_in_path_returns_400(s3_settings, path):
     # A newline keeps the catch-all route from matching; it must still be a 400.
