@@ -204,6 +204,10 @@ class UploadHandler:
     async def _make(self, source: Source, sizes: list[tuple[int, str]], *, replace_all: bool) -> Outcome:
         owned, candidates = await self._owned_formats(source)
         if not any(size[1] in owned for size in sizes):
+            if replace_all:
+                # The source may still own other formats (`png` next to a `jpg`
+                # sibling), whose copies made on request show an earlier image.
+                await self._delete_stale(source, owned, kept=set())
             base = self.settings.source_prefix + source.stem_path
             chosen = choose_source(candidates, base, sizes[0][1])
             return Outcome(source.key, SKIPPED, reason=f"variants of this name come from {chosen!r}")
@@ -232,15 +236,23 @@ class UploadHandler:
             # The HTTP path also stores other formats (`png`, `avif`, the `jpeg`
             # spelling) and widths since removed from PROXY_WIDTHS. Those copies
             # show the earlier upload, so they are deleted and made again on request.
-            kept = set(written)
-            stale = [
-                key for key in await self.existing_variant_keys(source)
-                if key not in kept and _extension(key) in owned
-            ]
-            await _gather_bounded([self.store.delete(key) for key in stale])
+            stale = await self._delete_stale(source, owned, kept=set(written))
         self._forget(source, written + stale)
         reason = f"over the side limit of their format, not made: {', '.join(skipped)}" if skipped else ""
         return Outcome(source.key, MADE, variants=len(written), reason=reason)
+
+    async def _delete_stale(self, source: Source, owned: set[str], kept: set[str]) -> list[str]:
+        """Delete the stored variants of `source` in the `owned` formats, except `kept`.
+
+        Returns the keys deleted, which are also dropped from the memory cache.
+        """
+        stale = [
+            key for key in await self.existing_variant_keys(source)
+            if key not in kept and _extension(key) in owned
+        ]
+        await _gather_bounded([self.store.delete(key) for key in stale])
+        self._forget(source, stale)
+        return stale
 
     async def _get_source(self, source: Source) -> StoredObject | None:
         max_bytes = int(self.settings.max_source_mb * 1024 * 1024)

@@ -67,6 +67,9 @@ class VariantService:
         self.source_keys: TTLCache[str, tuple[str, ...]] = TTLCache(
             maxsize=100_000, ttl=settings.lookup_ttl or 1e-9
         )
+        # Counts the events that superseded lookups; a source listing is kept
+        # only if none came in while it ran.
+        self._events_seen = 0
         # Variant extension to whether the last source found for it had that
         # extension too, which decides whether a lookup starts with a GET.
         self.own_extension_found: dict[str, bool] = {}
@@ -112,6 +115,7 @@ class VariantService:
         replace what the event made. Requests from now on look up afresh
         instead of joining those lookups.
         """
+        self._events_seen += 1
         for key, lookup in self._in_progress.items():
             if lookup.source_base == source_base:
                 lookup.superseded = True
@@ -188,6 +192,13 @@ class VariantService:
                 request.key, encoded.body, encoded.content_type, self.settings.cache_control
             )
             metrics.GENERATION_SECONDS.observe(time.perf_counter() - started)
+            if lookup.superseded:
+                # The event came in during the write, which may have replaced its
+                # variant or followed its deletes. Deleting the write is safe: a
+                # missing variant is made again from the current source.
+                logger.info("variant stored and deleted again key=%s: an event for its source came in", request.key)
+                await self.store.delete(request.key)
+                return self._variant_of(stored, "generated")
         finally:
             self._generations -= 1
             metrics.GENERATIONS_IN_PROGRESS.dec()
@@ -217,8 +228,10 @@ class VariantService:
                 if source is not None:
                     self.own_extension_found[request.ext] = True
                     return source
+            events_seen = self._events_seen
             candidates = tuple(await self.store.list_keys(base + "."))
-            self.source_keys[base] = candidates
+            if self._events_seen == events_seen:
+                self.source_keys[base] = candidates
 
         key = choose_source(candidates, base, request.ext)
         if key is not None:

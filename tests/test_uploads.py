@@ -15,7 +15,7 @@ from conftest import CountingStore, decode, make_image
 from event_documents import AWKWARD_KEYS, ENVELOPES, s3_notification, s3_record
 
 from proxy import imaging
-from proxy.errors import StoreFailed
+from proxy.errors import NotFound, StoreFailed
 from proxy.store import open_store
 from proxy.uploads import DELETED, FAILED, MADE, SKIPPED, UploadHandler, open_upload_handler, source_of
 from proxy.variants import Variant, VariantService
@@ -637,6 +637,85 @@ async def test_failed_write_drops_memory_entries(s3, bucket, photo, s3_settings,
     assert [(outcome.result, outcome.reason) for outcome in outcomes] == [(FAILED, "simulated write failure")]
     assert "r/trips/photo-360.webp" not in variant_keys(s3, bucket)
     assert [key for key in keys if key in service.memory] == []
+
+
+async def test_sibling_upload_replaces_its_own_format_variants(s3, bucket, s3_settings, counting_store, executor):
+    service = VariantService(counting_store, s3_settings)
+    uploads = UploadHandler(counting_store, s3_settings, executor, variants=service)
+    s3.put_object(Bucket=bucket, Key="original/s/photo.jpg", Body=solid([200, 30, 30], ".jpg"))
+    s3.put_object(Bucket=bucket, Key="original/s/photo.png", Body=solid([30, 30, 200], ".png"))
+    try:
+        await uploads.handle_document(event(bucket, "original/s/photo.jpg"))
+        first = await service.get(service.parse(b"/r/s/photo-720.png"))
+        s3.put_object(Bucket=bucket, Key="original/s/photo.png", Body=solid([30, 200, 30], ".png"))
+        outcomes = await uploads.handle_document(event(bucket, "original/s/photo.png"))
+        after = await service.get(service.parse(b"/r/s/photo-720.png"))
+    finally:
+        service.close()
+
+    # The jpg and webp variants come from photo.jpg, the png ones from photo.png.
+    assert [outcome.result for outcome in outcomes] == [SKIPPED]
+    assert decode(first.body)(10, 10)[2] > 150
+    assert decode(after.body)(10, 10)[1] > 150
+    assert decode(read(s3, bucket, "r/s/photo-720.png"))(10, 10)[1] > 150
+
+
+async def test_delete_event_during_variant_write_leaves_no_variant(s3, bucket, s3_settings, counting_store, executor):
+    service = VariantService(counting_store, s3_settings)
+    uploads = UploadHandler(counting_store, s3_settings, executor, variants=service)
+    s3.put_object(Bucket=bucket, Key="original/d/photo.jpg", Body=solid([200, 30, 30], ".jpg"))
+    put = counting_store.put
+
+    async def put_then_delete_source(key, *args):
+        stored = await put(key, *args)
+        if key == "r/d/photo-720.jpg":
+            # The source is deleted, and its event handled, while the write ends.
+            s3.delete_object(Bucket=bucket, Key="original/d/photo.jpg")
+            await uploads.handle_document(event(bucket, "original/d/photo.jpg", "ObjectRemoved:Delete"))
+        return stored
+
+    counting_store.put = put_then_delete_source
+    try:
+        served = await service.get(service.parse(b"/r/d/photo-720.jpg"))
+        with pytest.raises(NotFound):
+            await service.get(service.parse(b"/r/d/photo-720.jpg"))
+    finally:
+        service.close()
+
+    assert decode(served.body)(10, 10)[0] > 150
+    assert variant_keys(s3, bucket) == []
+
+
+async def test_listing_during_upload_event_not_kept(s3, bucket, s3_settings, counting_store, executor):
+    service = VariantService(counting_store, s3_settings)
+    uploads = UploadHandler(counting_store, s3_settings, executor, variants=service)
+    s3.put_object(Bucket=bucket, Key="original/w/photo.png", Body=solid([30, 30, 200], ".png"))
+    listed, release = asyncio.Event(), asyncio.Event()
+    list_keys = counting_store.list_keys
+
+    async def held_list_keys(prefix):
+        keys = await list_keys(prefix)
+        if prefix == "original/w/photo." and not listed.is_set():
+            # The listing finds only photo.png and returns after photo.jpg's event.
+            listed.set()
+            await release.wait()
+        return keys
+
+    counting_store.list_keys = held_list_keys
+    try:
+        request = asyncio.ensure_future(service.get(service.parse(b"/r/w/photo-720.jpeg")))
+        await asyncio.wait_for(listed.wait(), 10)
+        s3.put_object(Bucket=bucket, Key="original/w/photo.jpg", Body=solid([30, 200, 30], ".jpg"))
+        await uploads.handle_document(event(bucket, "original/w/photo.jpg"))
+        release.set()
+        await request
+        later = await service.get(service.parse(b"/r/w/photo-720.jpeg"))
+    finally:
+        release.set()
+        service.close()
+
+    # A `.jpeg` variant comes from photo.jpg once it exists.
+    assert decode(later.body)(10, 10)[1] > 150
 
 
 async def test_reupload_deletes_other_stored_formats(s3, bucket, uploads):
