@@ -467,10 +467,10 @@ def section_s3(work: Path, sources: dict[str, Source], concurrencies: list[int])
 
 
 def post_event(base_url: str, bucket: str, key: str, client: httpx.Client | None = None) -> float:
-    """POST an ObjectCreated event for `key`; return the seconds until the 200.
+    """Post an ObjectCreated event for `key` and return the seconds until the 200.
 
-    With `client`, its open connection is reused. A new client's set-up took
-    about 50 ms, which is no work of the proxy's.
+    With `client`, its open connection is reused. Setting up a new client took
+    about 50 ms here, which is no work of the proxy's.
     """
     document = {
         "Records": [

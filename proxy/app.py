@@ -294,7 +294,7 @@ async def _error_response(request: Request, error: Exception) -> Response:
     return PlainTextResponse(error.message + "\n", status_code=error.status, headers=headers)
 
 
-# Methods as an error message names them.
+# The order in which a 405 message lists the allowed methods.
 METHOD_ORDER = ("GET", "HEAD", "POST")
 
 

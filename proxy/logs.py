@@ -123,8 +123,7 @@ class BufferedStreamHandler(logging.StreamHandler):
         self.interval = interval
         self.max_lines = max_lines
         # Formatted lines, or the fields of lines that `queue_info` queued. A
-        # deque's append is atomic, so lines are queued without the lock; only
-        # writing them takes it.
+        # deque's append is atomic, so queueing needs no lock. Writing takes it.
         self._pending: collections.deque[str | tuple] = collections.deque()
         # Set by `write_through`: every line is then written at once.
         self.immediate = False
@@ -158,7 +157,7 @@ class BufferedStreamHandler(logging.StreamHandler):
                 self._write_pending()
 
     def _write_pending(self) -> None:
-        # The lock is held, so only lines queued meanwhile are added while this runs.
+        # The caller holds the lock. Lines queued while this runs wait for the next batch.
         pending = self._pending
         if not pending:
             return

@@ -35,7 +35,7 @@ class ResponseCounters:
 
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         self._lock = threading.Lock()
-        # Responses by (route, status, layer); `collect` adds them up per counter.
+        # Responses by (route, status, layer). `collect` adds them up for each counter.
         self._responses: dict[tuple[str, int, str | None], int] = {}
         self._body_bytes = 0
         registry.register(self)

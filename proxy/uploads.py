@@ -207,7 +207,7 @@ class UploadHandler:
             if replace_all:
                 # The source may still own other formats (`png` next to a `jpg`
                 # sibling), whose copies made on request show an earlier image.
-                await self._delete_stale(source, owned, kept=set())
+                await self._delete_variants(source, owned, keep=set())
             base = self.settings.source_prefix + source.stem_path
             chosen = choose_source(candidates, base, sizes[0][1])
             return Outcome(source.key, SKIPPED, reason=f"variants of this name come from {chosen!r}")
@@ -236,23 +236,21 @@ class UploadHandler:
             # The HTTP path also stores other formats (`png`, `avif`, the `jpeg`
             # spelling) and widths since removed from PROXY_WIDTHS. Those copies
             # show the earlier upload, so they are deleted and made again on request.
-            stale = await self._delete_stale(source, owned, kept=set(written))
-        self._forget(source, written + stale)
+            await self._delete_variants(source, owned, keep=set(written))
+        self._forget(source, written)
         reason = f"over the side limit of their format, not made: {', '.join(skipped)}" if skipped else ""
         return Outcome(source.key, MADE, variants=len(written), reason=reason)
 
-    async def _delete_stale(self, source: Source, owned: set[str], kept: set[str]) -> list[str]:
-        """Delete the stored variants of `source` in the `owned` formats, except `kept`.
-
-        Returns the keys deleted, which are also dropped from the memory cache.
-        """
-        stale = [
+    async def _delete_variants(self, source: Source, formats: set[str], keep: set[str]) -> list[str]:
+        """Delete the stored variants of `source` in `formats`, except the keys in `keep`,
+        and drop them from the memory cache. Returns the keys deleted."""
+        keys = [
             key for key in await self.existing_variant_keys(source)
-            if key not in kept and _extension(key) in owned
+            if key not in keep and _extension(key) in formats
         ]
-        await _gather_bounded([self.store.delete(key) for key in stale])
-        self._forget(source, stale)
-        return stale
+        await _gather_bounded([self.store.delete(key) for key in keys])
+        self._forget(source, keys)
+        return keys
 
     async def _get_source(self, source: Source) -> StoredObject | None:
         max_bytes = int(self.settings.max_source_mb * 1024 * 1024)
@@ -294,8 +292,8 @@ class UploadHandler:
         try:
             await _gather_bounded(writes)
         except BaseException:
-            # The writes that succeeded replaced what the memory cache holds of
-            # their keys, so none of the keys may keep its cached copy.
+            # Some writes may have replaced their stored variant, so the memory
+            # cache must drop its copy of every key written.
             self._forget(source, written)
             raise
         return written, skipped
@@ -336,9 +334,7 @@ class UploadHandler:
         if await self.store.head(source.key) is not None:
             return Outcome(source.key, SKIPPED, reason="source exists again, so its variants stay")
         owned, _ = await self._owned_formats(source)
-        keys = [key for key in await self.existing_variant_keys(source) if _extension(key) in owned]
-        await _gather_bounded([self.store.delete(key) for key in keys])
-        self._forget(source, keys)
+        keys = await self._delete_variants(source, owned, keep=set())
         return Outcome(source.key, DELETED, variants=len(keys))
 
     async def existing_variant_keys(self, source: Source) -> list[str]:
@@ -349,15 +345,18 @@ class UploadHandler:
         return [key for key in await self.store.list_keys(prefix) if pattern.fullmatch(key[len(prefix) :])]
 
     def _supersede(self, source: Source) -> None:
-        # Variants that requests are making from what may be the earlier source
-        # are then not stored over the ones this event makes.
+        # Lookups that requests started before this event may have read the
+        # earlier source, so their variants must not replace this event's.
         if self.variants is not None:
-            self.variants.supersede(self.settings.source_prefix + source.stem_path)
+            self.variants.supersede(self._source_base(source))
 
     def _forget(self, source: Source, keys: list[str]) -> None:
         if self.variants is not None:
-            base = self.settings.source_prefix + source.stem_path
-            self.variants.forget(base, keys)
+            self.variants.forget(self._source_base(source), keys)
+
+    def _source_base(self, source: Source) -> str:
+        """Return the source's key without its extension, as VariantService names sources."""
+        return self.settings.source_prefix + source.stem_path
 
 
 async def _gather_bounded(operations: list[Any]) -> None:

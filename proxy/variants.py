@@ -67,8 +67,8 @@ class VariantService:
         self.source_keys: TTLCache[str, tuple[str, ...]] = TTLCache(
             maxsize=100_000, ttl=settings.lookup_ttl or 1e-9
         )
-        # Counts the events that superseded lookups; a source listing is kept
-        # only if none came in while it ran.
+        # Number of `supersede` calls. A source listing is kept only if there
+        # was none while it ran.
         self._events_seen = 0
         # Variant extension to whether the last source found for it had that
         # extension too, which decides whether a lookup starts with a GET.
@@ -114,6 +114,9 @@ class VariantService:
         or variant still gets that copy, but storing or caching it would
         replace what the event made. Requests from now on look up afresh
         instead of joining those lookups.
+
+        NOTE: only this process's lookups are marked. A lookup in another worker
+        or replica can still store a variant read from the earlier source.
         """
         self._events_seen += 1
         for key, lookup in self._in_progress.items():
@@ -150,13 +153,13 @@ class VariantService:
     async def _load_or_make(self, request: VariantRequest) -> Variant:
         lookup = self._in_progress[request.key] = _Lookup(request.source_base)
         try:
-            return await self._load_or_make_tracked(request, lookup)
+            return await self._load_or_make_once(request, lookup)
         finally:
             # A later lookup of the key may have started after this one was superseded.
             if self._in_progress.get(request.key) is lookup:
                 del self._in_progress[request.key]
 
-    async def _load_or_make_tracked(self, request: VariantRequest, lookup: "_Lookup") -> Variant:
+    async def _load_or_make_once(self, request: VariantRequest, lookup: "_Lookup") -> Variant:
         stored = await self.store.get(request.key)
         if stored is not None:
             if lookup.superseded:
@@ -194,8 +197,8 @@ class VariantService:
             metrics.GENERATION_SECONDS.observe(time.perf_counter() - started)
             if lookup.superseded:
                 # The event came in during the write, which may have replaced its
-                # variant or followed its deletes. Deleting the write is safe: a
-                # missing variant is made again from the current source.
+                # variant or followed its deletes. A deleted variant is made again
+                # from the current source on the next request.
                 logger.info("variant stored and deleted again key=%s: an event for its source came in", request.key)
                 await self.store.delete(request.key)
                 return self._variant_of(stored, "generated")
