@@ -137,7 +137,7 @@ def test_unformattable_queued_line_still_written():
     assert lines[1].endswith(" after")
 
 
-def test_lines_queued_from_threads_each_written_once():
+def test_threaded_lines_written_once():
     stream = io.StringIO()
     # Small batches and a short interval, so that writes run while other threads queue.
     logger = buffered_logger("threads", stream, interval=0.001, max_lines=7)

@@ -244,7 +244,7 @@ async def test_long_path_cut_in_access_line(s3, bucket, settings_for, caplog):
     assert len(line.encode()) < 4096
 
 
-def test_long_quoted_path_json_line_within_pipe_write():
+def test_quoted_path_json_line_fits_pipe():
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter())

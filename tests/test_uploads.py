@@ -154,9 +154,7 @@ async def test_upload_encodes_run_in_parallel(s3, bucket, photo, uploads, monkey
     assert variant_keys(s3, bucket) == expected_keys("trips/photo")
 
 
-async def test_failed_encode_uploads_none_and_keeps_previous(
-    s3, bucket, photo, uploads, counting_store, monkeypatch
-):
+async def test_failed_encode_keeps_previous_variants(s3, bucket, photo, uploads, counting_store, monkeypatch):
     await make_photo_variants(s3, bucket, photo, uploads)
     before = {key: read(s3, bucket, key) for key in expected_keys("trips/photo")}
     puts = counting_store.count("put")
@@ -172,7 +170,8 @@ async def test_failed_encode_uploads_none_and_keeps_previous(
     s3.put_object(Bucket=bucket, Key="original/trips/photo.jpg", Body=replacement, ContentType="image/jpeg")
     outcomes = await uploads.handle_document(event(bucket, "original/trips/photo.jpg"))
 
-    assert [(outcome.result, outcome.reason) for outcome in outcomes] == [(FAILED, "encoder failed")]
+    assert [outcome.result for outcome in outcomes] == [FAILED]
+    assert outcomes[0].reason == "encoder failed"
     assert counting_store.count("put") == puts
     assert {key: read(s3, bucket, key) for key in expected_keys("trips/photo")} == before
 
@@ -544,12 +543,41 @@ async def test_reupload_drops_stale_memory_entries(s3, bucket, s3_settings, coun
     assert "original/photo" not in service.source_keys
 
 
-async def test_request_during_upload_event_stores_no_stale_variant(
-    s3, bucket, s3_settings, counting_store, executor, monkeypatch
-):
+RED, GREEN, BLUE = [200, 30, 30], [30, 200, 30], [30, 30, 200]
+
+
+def colour_of(body: bytes) -> str:
+    """Name the strongest channel of an image's top-left area: red, green or blue."""
+    pixel = decode(body)(10, 10)
+    return ("red", "green", "blue")[max(range(3), key=lambda band: pixel[band])]
+
+
+@pytest.fixture
+def shared_service(counting_store, s3_settings, executor):
+    """A VariantService and an UploadHandler that updates it, as `serve` pairs them."""
     service = VariantService(counting_store, s3_settings)
-    uploads = UploadHandler(counting_store, s3_settings, executor, variants=service)
-    s3.put_object(Bucket=bucket, Key="original/pic.jpg", Body=solid([200, 30, 30], ".jpg"))
+    yield service, UploadHandler(counting_store, s3_settings, executor, variants=service)
+    service.close()
+
+
+def hold_first_call(method, matches):
+    """Wrap an async store method so that its first matching call, once done,
+    returns only after `release` is set. Returns the wrapper, `reached` and `release`."""
+    reached, release = asyncio.Event(), asyncio.Event()
+
+    async def held(*args, **options):
+        result = await method(*args, **options)
+        if matches(*args) and not reached.is_set():
+            reached.set()
+            await release.wait()
+        return result
+
+    return held, reached, release
+
+
+async def test_generation_during_event_not_stored(s3, bucket, shared_service, monkeypatch):
+    service, uploads = shared_service
+    s3.put_object(Bucket=bucket, Key="original/pic.jpg", Body=solid(RED, ".jpg"))
     started, release = threading.Event(), threading.Event()
     make_variant = imaging.make_variant
 
@@ -563,61 +591,47 @@ async def test_request_during_upload_event_stores_no_stale_variant(
     try:
         request = asyncio.ensure_future(service.get(service.parse(b"/r/pic-360.jpg")))
         assert await asyncio.to_thread(started.wait, 10)
-        s3.put_object(Bucket=bucket, Key="original/pic.jpg", Body=solid([30, 30, 200], ".jpg"))
+        s3.put_object(Bucket=bucket, Key="original/pic.jpg", Body=solid(BLUE, ".jpg"))
         outcomes = await uploads.handle_document(event(bucket, "original/pic.jpg"))
         later = await service.get(service.parse(b"/r/pic-360.jpg"))
-        release.set()
-        served = await request
     finally:
         release.set()
-        service.close()
+    served = await request
 
     assert [outcome.result for outcome in outcomes] == [MADE]
-    # The request gets the image of the source it read, but the store and the
-    # memory cache keep the event's, and a request after the event gets it too.
-    assert decode(served.body)(10, 10)[2] < 100
-    assert decode(later.body)(10, 10)[2] > 150
-    assert decode(read(s3, bucket, "r/pic-360.jpg"))(10, 10)[2] > 150
-    assert decode(service.memory["r/pic-360.jpg"].body)(10, 10)[2] > 150
+    # The request gets the image of the source it read. The store, the memory
+    # cache and a request after the event get the event's.
+    assert colour_of(served.body) == "red"
+    assert colour_of(later.body) == "blue"
+    assert colour_of(read(s3, bucket, "r/pic-360.jpg")) == "blue"
+    assert colour_of(service.memory["r/pic-360.jpg"].body) == "blue"
 
 
-async def test_store_read_during_upload_event_not_cached(s3, bucket, s3_settings, counting_store, executor):
-    service = VariantService(counting_store, s3_settings)
-    uploads = UploadHandler(counting_store, s3_settings, executor, variants=service)
-    s3.put_object(Bucket=bucket, Key="original/pic.jpg", Body=solid([200, 30, 30], ".jpg"))
+async def test_store_read_during_event_not_cached(s3, bucket, shared_service, counting_store):
+    service, uploads = shared_service
+    s3.put_object(Bucket=bucket, Key="original/pic.jpg", Body=solid(RED, ".jpg"))
     await uploads.handle_document(event(bucket, "original/pic.jpg"))
-    read_started, release = asyncio.Event(), asyncio.Event()
-    get = counting_store.get
-
-    async def held_get(key, *args, **options):
-        # The read returns the red variant, but only after the event has ended.
-        stored = await get(key, *args, **options)
-        if key == "r/pic-360.jpg" and not read_started.is_set():
-            read_started.set()
-            await release.wait()
-        return stored
-
-    counting_store.get = held_get
+    # The read finds the red variant, and returns after the event has ended.
+    counting_store.get, read_started, release = hold_first_call(
+        counting_store.get, lambda key, *args: key == "r/pic-360.jpg"
+    )
     try:
         request = asyncio.ensure_future(service.get(service.parse(b"/r/pic-360.jpg")))
         await asyncio.wait_for(read_started.wait(), 10)
-        s3.put_object(Bucket=bucket, Key="original/pic.jpg", Body=solid([30, 30, 200], ".jpg"))
+        s3.put_object(Bucket=bucket, Key="original/pic.jpg", Body=solid(BLUE, ".jpg"))
         outcomes = await uploads.handle_document(event(bucket, "original/pic.jpg"))
-        release.set()
-        served = await request
-        later = await service.get(service.parse(b"/r/pic-360.jpg"))
     finally:
         release.set()
-        service.close()
+    served = await request
+    later = await service.get(service.parse(b"/r/pic-360.jpg"))
 
     assert [outcome.result for outcome in outcomes] == [MADE]
-    assert decode(served.body)(10, 10)[2] < 100
-    assert decode(later.body)(10, 10)[2] > 150
+    assert colour_of(served.body) == "red"
+    assert colour_of(later.body) == "blue"
 
 
-async def test_failed_write_drops_memory_entries(s3, bucket, photo, s3_settings, counting_store, executor):
-    service = VariantService(counting_store, s3_settings)
-    uploads = UploadHandler(counting_store, s3_settings, executor, variants=service)
+async def test_failed_write_drops_memory_entries(s3, bucket, photo, shared_service, counting_store):
+    service, uploads = shared_service
     keys = expected_keys("trips/photo")
     for key in keys:
         service.memory[key] = fake_variant(key)
@@ -629,93 +643,73 @@ async def test_failed_write_drops_memory_entries(s3, bucket, photo, s3_settings,
         return await put(key, *args)
 
     counting_store.put = failing_put
-    try:
-        outcomes = await make_photo_variants(s3, bucket, photo, uploads)
-    finally:
-        service.close()
+    outcomes = await make_photo_variants(s3, bucket, photo, uploads)
 
-    assert [(outcome.result, outcome.reason) for outcome in outcomes] == [(FAILED, "simulated write failure")]
+    assert [outcome.result for outcome in outcomes] == [FAILED]
+    assert outcomes[0].reason == "simulated write failure"
     assert "r/trips/photo-360.webp" not in variant_keys(s3, bucket)
     assert [key for key in keys if key in service.memory] == []
 
 
-async def test_sibling_upload_replaces_its_own_format_variants(s3, bucket, s3_settings, counting_store, executor):
-    service = VariantService(counting_store, s3_settings)
-    uploads = UploadHandler(counting_store, s3_settings, executor, variants=service)
-    s3.put_object(Bucket=bucket, Key="original/s/photo.jpg", Body=solid([200, 30, 30], ".jpg"))
-    s3.put_object(Bucket=bucket, Key="original/s/photo.png", Body=solid([30, 30, 200], ".png"))
-    try:
-        await uploads.handle_document(event(bucket, "original/s/photo.jpg"))
-        first = await service.get(service.parse(b"/r/s/photo-720.png"))
-        s3.put_object(Bucket=bucket, Key="original/s/photo.png", Body=solid([30, 200, 30], ".png"))
-        outcomes = await uploads.handle_document(event(bucket, "original/s/photo.png"))
-        after = await service.get(service.parse(b"/r/s/photo-720.png"))
-    finally:
-        service.close()
+async def test_sibling_upload_replaces_own_formats(s3, bucket, shared_service):
+    service, uploads = shared_service
+    s3.put_object(Bucket=bucket, Key="original/s/photo.jpg", Body=solid(RED, ".jpg"))
+    s3.put_object(Bucket=bucket, Key="original/s/photo.png", Body=solid(BLUE, ".png"))
+    await uploads.handle_document(event(bucket, "original/s/photo.jpg"))
+    first = await service.get(service.parse(b"/r/s/photo-720.png"))
+
+    s3.put_object(Bucket=bucket, Key="original/s/photo.png", Body=solid(GREEN, ".png"))
+    outcomes = await uploads.handle_document(event(bucket, "original/s/photo.png"))
+    after = await service.get(service.parse(b"/r/s/photo-720.png"))
 
     # The jpg and webp variants come from photo.jpg, the png ones from photo.png.
     assert [outcome.result for outcome in outcomes] == [SKIPPED]
-    assert decode(first.body)(10, 10)[2] > 150
-    assert decode(after.body)(10, 10)[1] > 150
-    assert decode(read(s3, bucket, "r/s/photo-720.png"))(10, 10)[1] > 150
+    assert colour_of(first.body) == "blue"
+    assert colour_of(after.body) == "green"
+    assert colour_of(read(s3, bucket, "r/s/photo-720.png")) == "green"
 
 
-async def test_delete_event_during_variant_write_leaves_no_variant(s3, bucket, s3_settings, counting_store, executor):
-    service = VariantService(counting_store, s3_settings)
-    uploads = UploadHandler(counting_store, s3_settings, executor, variants=service)
-    s3.put_object(Bucket=bucket, Key="original/d/photo.jpg", Body=solid([200, 30, 30], ".jpg"))
+async def test_delete_during_write_leaves_no_variant(s3, bucket, shared_service, counting_store):
+    service, uploads = shared_service
+    s3.put_object(Bucket=bucket, Key="original/d/photo.jpg", Body=solid(RED, ".jpg"))
     put = counting_store.put
 
     async def put_then_delete_source(key, *args):
         stored = await put(key, *args)
         if key == "r/d/photo-720.jpg":
-            # The source is deleted, and its event handled, while the write ends.
+            # The source is deleted, and its event handled, as the write ends.
             s3.delete_object(Bucket=bucket, Key="original/d/photo.jpg")
             await uploads.handle_document(event(bucket, "original/d/photo.jpg", "ObjectRemoved:Delete"))
         return stored
 
     counting_store.put = put_then_delete_source
-    try:
-        served = await service.get(service.parse(b"/r/d/photo-720.jpg"))
-        with pytest.raises(NotFound):
-            await service.get(service.parse(b"/r/d/photo-720.jpg"))
-    finally:
-        service.close()
+    served = await service.get(service.parse(b"/r/d/photo-720.jpg"))
+    with pytest.raises(NotFound):
+        await service.get(service.parse(b"/r/d/photo-720.jpg"))
 
-    assert decode(served.body)(10, 10)[0] > 150
+    assert colour_of(served.body) == "red"
     assert variant_keys(s3, bucket) == []
 
 
-async def test_listing_during_upload_event_not_kept(s3, bucket, s3_settings, counting_store, executor):
-    service = VariantService(counting_store, s3_settings)
-    uploads = UploadHandler(counting_store, s3_settings, executor, variants=service)
-    s3.put_object(Bucket=bucket, Key="original/w/photo.png", Body=solid([30, 30, 200], ".png"))
-    listed, release = asyncio.Event(), asyncio.Event()
-    list_keys = counting_store.list_keys
-
-    async def held_list_keys(prefix):
-        keys = await list_keys(prefix)
-        if prefix == "original/w/photo." and not listed.is_set():
-            # The listing finds only photo.png and returns after photo.jpg's event.
-            listed.set()
-            await release.wait()
-        return keys
-
-    counting_store.list_keys = held_list_keys
+async def test_listing_during_event_not_kept(s3, bucket, shared_service, counting_store):
+    service, uploads = shared_service
+    s3.put_object(Bucket=bucket, Key="original/w/photo.png", Body=solid(BLUE, ".png"))
+    # The listing finds only photo.png, and returns after photo.jpg's event.
+    counting_store.list_keys, listed, release = hold_first_call(
+        counting_store.list_keys, lambda prefix: prefix == "original/w/photo."
+    )
     try:
         request = asyncio.ensure_future(service.get(service.parse(b"/r/w/photo-720.jpeg")))
         await asyncio.wait_for(listed.wait(), 10)
-        s3.put_object(Bucket=bucket, Key="original/w/photo.jpg", Body=solid([30, 200, 30], ".jpg"))
+        s3.put_object(Bucket=bucket, Key="original/w/photo.jpg", Body=solid(GREEN, ".jpg"))
         await uploads.handle_document(event(bucket, "original/w/photo.jpg"))
-        release.set()
-        await request
-        later = await service.get(service.parse(b"/r/w/photo-720.jpeg"))
     finally:
         release.set()
-        service.close()
+    await request
+    later = await service.get(service.parse(b"/r/w/photo-720.jpeg"))
 
     # A `.jpeg` variant comes from photo.jpg once it exists.
-    assert decode(later.body)(10, 10)[1] > 150
+    assert colour_of(later.body) == "green"
 
 
 async def test_reupload_deletes_other_stored_formats(s3, bucket, uploads):

@@ -332,7 +332,7 @@ async def test_memory_hit_logged_and_counted(s3, bucket, photo, s3_settings, cap
     assert after - before == 1
 
 
-async def test_memory_hit_request_id_kept_or_replaced(s3, bucket, photo, s3_settings, caplog):
+async def test_memory_hit_validates_request_id(s3, bucket, photo, s3_settings, caplog):
     s3.put_object(Bucket=bucket, Key="original/a/b/photo.jpg", Body=photo)
     caplog.set_level(logging.INFO, logger="proxy.access_log")
 
